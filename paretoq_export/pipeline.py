@@ -1,0 +1,179 @@
+"""One entry point per action: RTN quantize, QAT, import, evaluate. The CLI and the quickstart call these."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from paretoq_export.checkpoint import CheckpointError, QuantizedCheckpoint
+from paretoq_export.model_source import load_model
+from qat.prepare import QATConfig, prepare
+
+
+@dataclass
+class DataSpec:
+    """Text for training and held-out evaluation: files, JSONL, datasets dirs, or 'wikipedia' (packaged)."""
+
+    sources: list[str] = field(default_factory=lambda: ["wikipedia"])
+    block_size: int = 256
+    heldout_fraction: float = 0.05
+    seed: int = 0
+
+
+def _check_output(output: str | os.PathLike, overwrite: bool) -> Path:
+    """Fail before any expensive work when the output would be refused at save time."""
+    out = Path(output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CheckpointError(f"output {out} exists and is not empty: pass --overwrite or choose another -o")
+    return out
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def load_blocks(tokenizer, data: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    from qat.corpora import resolve_data_source
+    from qat.data import load_documents, pack_blocks
+
+    documents = load_documents([resolve_data_source(s) for s in data.sources])
+    return pack_blocks(tokenizer, documents, data.block_size, heldout_fraction=data.heldout_fraction, seed=data.seed)
+
+
+def heldout_perplexity(model: torch.nn.Module, blocks: torch.Tensor, max_blocks: int | None = None,
+                       batch_size: int = 4) -> float:
+    from qat.trainer import evaluate_perplexity
+
+    if max_blocks is not None:
+        blocks = blocks[:max_blocks]
+    return evaluate_perplexity(model, blocks, batch_size=batch_size)
+
+
+def quantize_rtn(
+    model_spec: str | None,
+    qat_config: QATConfig,
+    output: str | os.PathLike,
+    overwrite: bool = False,
+    float_dtype: str = "float16",
+    trust_remote_code: bool = False,
+) -> Path:
+    """Round-to-nearest with the ParetoQ alpha initialisation (no training): the RTN baseline."""
+    out = _check_output(output, overwrite)
+    source = load_model(model_spec, trust_remote_code=trust_remote_code)
+    prepare(source.model, qat_config)
+    recipe = {"method": "rtn", "base_model": source.base_model, "source": source.description}
+    ckpt = QuantizedCheckpoint.from_qat_model(source.model, source.tokenizer, recipe=recipe, float_dtype=float_dtype)
+    return ckpt.save(out, overwrite=overwrite)
+
+
+@dataclass
+class QATRun:
+    checkpoint: Path | None
+    result: object  # qat.trainer.TrainResult
+    seconds: float
+
+
+def run_qat(
+    model_spec: str | None,
+    qat_config: QATConfig,
+    data: DataSpec,
+    train_config,  # qat.trainer.TrainConfig
+    output: str | os.PathLike,
+    overwrite: bool = False,
+    float_dtype: str = "float16",
+    trust_remote_code: bool = False,
+    distill: bool = False,
+) -> QATRun:
+    """ParetoQ QAT from a float model, then the canonical checkpoint (rank 0 writes it under torchrun)."""
+    from qat.trainer import train
+
+    out = _check_output(output, overwrite)
+    source = load_model(model_spec, trust_remote_code=trust_remote_code)
+    train_blocks, heldout_blocks = load_blocks(source.tokenizer, data)
+    teacher = None
+    if distill or getattr(train_config, "distill_weight", 0) > 0:
+        import copy
+
+        teacher = copy.deepcopy(source.model).eval().requires_grad_(False)
+    prepare(source.model, qat_config)
+    start = time.time()
+    result = train(source.model, train_blocks, heldout_blocks, train_config, teacher=teacher)
+    seconds = time.time() - start
+    checkpoint = None
+    if _is_main_process():
+        recipe = {
+            "method": "qat",
+            "base_model": source.base_model,
+            "source": source.description,
+            "data": asdict(data),
+            "train": {k: v for k, v in asdict(train_config).items() if _jsonable(v)},
+            "train_tokens": int(result.steps) * train_config.batch_size * train_config.grad_accum
+            * data.block_size * int(os.environ.get("WORLD_SIZE", "1")),
+            "seconds": round(seconds, 1),
+        }
+        ckpt = QuantizedCheckpoint.from_qat_model(source.model, source.tokenizer, recipe=recipe, float_dtype=float_dtype)
+        checkpoint = ckpt.save(out, overwrite=overwrite)
+    return QATRun(checkpoint, result, seconds)
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except TypeError:
+        return False
+
+
+def import_checkpoint(
+    kind: str,
+    model_dir: str,
+    bits: float | str,
+    output: str | os.PathLike,
+    overwrite: bool = False,
+    float_dtype: str = "float16",
+    trust_remote_code: bool = False,
+) -> Path:
+    """Import a ParetoQ reference training checkpoint or a model whose weights already sit on the grid."""
+    out = _check_output(output, overwrite)
+    if kind == "on-grid":
+        source = load_model(model_dir, trust_remote_code=trust_remote_code)
+        ckpt = QuantizedCheckpoint.from_on_grid_model(source.model, bits, source.tokenizer, float_dtype=float_dtype)
+    elif kind == "paretoq-reference":
+        from transformers import AutoTokenizer
+
+        path = Path(model_dir)
+        config = json.loads((path / "config.json").read_text())
+        state = read_state_dict(path)
+        tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+        ckpt = QuantizedCheckpoint.from_paretoq_reference(state, config, bits, tokenizer, float_dtype=float_dtype)
+    else:
+        raise ValueError(f"unknown import kind {kind!r}: use paretoq-reference or on-grid")
+    return ckpt.save(out, overwrite=overwrite)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory: safetensors first; pickles only with weights_only=True."""
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    if files:
+        for f in files:
+            state.update(load_file(f))
+        return state
+    pickles = sorted(path.glob("*.bin")) + sorted(path.glob("*.pt"))
+    if not pickles:
+        raise CheckpointError(f"{path} holds no *.safetensors or *.bin weights")
+    for f in pickles:
+        try:
+            state.update(torch.load(f, map_location="cpu", weights_only=True))
+        except Exception as exc:  # noqa: BLE001 - an unsafe pickle raises UnpicklingError, which we report plainly
+            reason = str(exc).strip().splitlines()[0][:200]
+            raise CheckpointError(f"{f} cannot be loaded safely (torch.load weights_only=True refused it: {reason}); "
+                                  "convert it to safetensors from a trusted environment") from exc
+    return state

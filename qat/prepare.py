@@ -1,0 +1,123 @@
+"""Swap a transformers causal LM's decoder linears for ParetoQ quantized modules: ``prepare(model, config)``."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from qat.grids import EMBEDDING_BITS, WEIGHT_BITS, format_bits, parse_bits
+from qat.modules import QUANT_MODULES, QuantEmbedding, QuantLinear
+
+DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class QATConfig:
+    """What to quantize, as data. ``overrides`` maps a module-name suffix or regex to bits (e.g. down_proj=4)."""
+
+    bits: float | str = 2
+    target_modules: tuple[str, ...] = DECODER_LINEARS
+    overrides: dict[str, float | str] = field(default_factory=dict)
+    embedding_bits: float | str | None = None  # 4 or 8: quantize the input embedding table
+    lm_head_bits: float | str | None = None  # 4 or 8: quantize the output projection
+
+    def __post_init__(self) -> None:
+        self.bits = _check(parse_bits(self.bits), WEIGHT_BITS, "bits")
+        self.overrides = {k: _check(parse_bits(v), WEIGHT_BITS, f"override {k}") for k, v in self.overrides.items()}
+        if self.embedding_bits is not None:
+            self.embedding_bits = _check(parse_bits(self.embedding_bits), EMBEDDING_BITS, "embedding bits")
+        if self.lm_head_bits is not None:
+            self.lm_head_bits = _check(parse_bits(self.lm_head_bits), EMBEDDING_BITS, "lm_head bits")
+
+    def bits_for(self, name: str) -> float:
+        for key, bits in self.overrides.items():
+            if name.endswith(key) or name.split(".")[-1] == key or re.fullmatch(key, name):
+                return bits
+        return self.bits
+
+    def to_json(self) -> dict:
+        return {
+            "bits": self.bits,
+            "target_modules": list(self.target_modules),
+            "overrides": dict(self.overrides),
+            "embedding_bits": self.embedding_bits,
+            "lm_head_bits": self.lm_head_bits,
+        }
+
+
+def _check(bits: float, allowed: tuple[float, ...], what: str) -> float:
+    if bits not in allowed:
+        raise ValueError(f"unsupported {what} {format_bits(bits)}: choose from {', '.join(map(format_bits, allowed))}")
+    return bits
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, float]:
+    """CLI form ``NAME=BITS`` (e.g. ``down_proj=4``) to a dict."""
+    out: dict[str, float] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like NAME=BITS, e.g. down_proj=4")
+        key, value = item.split("=", 1)
+        out[key.strip()] = parse_bits(value)
+    return out
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def is_tied(model: nn.Module) -> bool:
+    out = model.get_output_embeddings()
+    emb = model.get_input_embeddings()
+    return out is not None and emb is not None and out.weight is emb.weight
+
+
+def prepare(model: nn.Module, config: QATConfig) -> nn.Module:
+    """Replace the target linears (and optionally embeddings / lm_head) in place; returns the model.
+
+    Raises ValueError naming the architecture when no target linear is found.
+    """
+    targets = [
+        name
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and name.split(".")[-1] in config.target_modules
+    ]
+    if not targets:
+        arch = type(model).__name__
+        raise ValueError(
+            f"no {'/'.join(config.target_modules)} linear layers found in {arch}: this architecture is not "
+            "supported yet; pass target module names that exist in the model (--target-modules)"
+        )
+    for name in targets:
+        _set_submodule(model, name, QuantLinear.from_linear(model.get_submodule(name), config.bits_for(name)))
+
+    tied = is_tied(model)
+    emb_bits, head_bits = config.embedding_bits, config.lm_head_bits
+    if tied and (emb_bits is not None or head_bits is not None):
+        if emb_bits is not None and head_bits is not None and emb_bits != head_bits:
+            raise ValueError("this model ties lm_head to the embeddings: give both the same bits")
+        emb_bits = head_bits = emb_bits if emb_bits is not None else head_bits
+    if emb_bits is not None:
+        emb = model.get_input_embeddings()
+        qemb = QuantEmbedding.from_embedding(emb, emb_bits)
+        model.set_input_embeddings(qemb)
+    if head_bits is not None:
+        head = model.get_output_embeddings()
+        qhead = QuantLinear.from_linear(head, head_bits)
+        if tied:
+            qhead.alpha = model.get_input_embeddings().alpha  # one table, one set of steps
+        model.set_output_embeddings(qhead)
+    model._paretoq_config = config  # read by the checkpoint to record the recipe
+    return model
+
+
+def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Name -> quantized module, in model order (tied lm_head included under its own name)."""
+    return {name: m for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, QUANT_MODULES)}
+
+
+def quantization_summary(model: nn.Module) -> dict[str, float]:
+    return {name: m.grid.bits for name, m in quantized_modules(model).items()}

@@ -1,0 +1,127 @@
+"""ParetoQ fake quantization: forward, straight-through backward and the learnable per-row alpha.
+
+Forward and backward follow the ParetoQ reference (``models/utils_quant.py``):
+
+- 1 bit (LSQ-binary): ``sign(w) * alpha``; weight gradient passes where |w/alpha| <= 1;
+  alpha gets ``sum_row(sign(w) * g) * grad_scale``.
+- 1.58 and 2 bits (SEQ, Stretched Elastic Quant):
+  ``(round(clamp(x, -0.99, 0.99) * n - shift) + shift) / n * alpha`` with (n, shift) = (1.5, 0) or (2, 0.5);
+  weight gradient passes where |x| <= 0.99; alpha gets -+(n - shift)/n outside and ``q_hat - x`` inside.
+- 3 and 4 bits (LSQ): ``round(x).clamp(Qn, Qp) * alpha``; weight gradient passes where Qn <= x <= Qp;
+  alpha gets Qn below, Qp above and ``round(x) - x`` inside.
+
+``grad_scale = 1 / sqrt(numel(W) * Qp)`` with Qp = 1 for sign and SEQ, numel over the whole tensor. alpha is
+clamped to >= 1e-5 in the forward exactly as the reference does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qat.grids import Grid, grid_for_bits
+
+ALPHA_EPS = 1e-5
+SEQ_CLIP = 1.0 - 1e-2
+
+
+def _clamped_alpha(alpha: torch.Tensor) -> torch.Tensor:
+    eps = torch.tensor(ALPHA_EPS, device=alpha.device, dtype=alpha.dtype)
+    return torch.where(alpha > eps, alpha, eps)
+
+
+def _level_index(x: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """The signed integer level of x = w / alpha, as a float tensor (sign: -1/0/+1)."""
+    if grid.method == "sign":
+        return x.sign()
+    if grid.method == "seq":
+        return torch.round(torch.clamp(x, -SEQ_CLIP, SEQ_CLIP) * grid.seq_levels - grid.seq_shift)
+    return torch.round(x).clamp(grid.qn, grid.qp)
+
+
+def _level_value(x: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """The quantized value of x in units of alpha (the reference's q_w)."""
+    idx = _level_index(x, grid)
+    if grid.method == "seq":
+        return (idx + grid.seq_shift) / grid.seq_levels
+    return idx
+
+
+class ParetoQFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, alpha: torch.Tensor, grid: Grid) -> torch.Tensor:
+        alpha = _clamped_alpha(alpha)
+        ctx.save_for_backward(weight, alpha)
+        ctx.grid = grid
+        return _level_value(weight / alpha, grid) * alpha
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        weight, alpha = ctx.saved_tensors
+        grid: Grid = ctx.grid
+        grad_scale = 1.0 / math.sqrt(weight.numel() * grid.grad_qp)
+        x = weight / alpha
+        if grid.method == "seq":
+            low, high = -SEQ_CLIP, SEQ_CLIP
+            sat = (grid.seq_levels - grid.seq_shift) / grid.seq_levels
+            below, above = -sat, sat
+        else:
+            low, high = float(grid.qn), float(grid.qp)
+            below, above = float(grid.qn), float(grid.qp)
+        middle = (x >= low) & (x <= high)
+        if grid.method == "sign":
+            alpha_term = weight.sign()
+        else:
+            inside = _level_value(x, grid) - x
+            alpha_term = torch.where(middle, inside, torch.where(x < low, below, above))
+        grad_alpha = (alpha_term * grad_output * grad_scale).sum(dim=-1, keepdim=True)
+        grad_weight = grad_output * middle.to(grad_output.dtype)
+        return grad_weight, grad_alpha, None
+
+
+def fake_quantize(weight: torch.Tensor, alpha: torch.Tensor, bits: str | float | Grid) -> torch.Tensor:
+    """ParetoQ fake quantization of a 2-D weight with per-row alpha [out, 1] (differentiable in both)."""
+    grid = bits if isinstance(bits, Grid) else grid_for_bits(bits)
+    return ParetoQFakeQuant.apply(weight, alpha, grid)
+
+
+@torch.no_grad()
+def init_alpha(weight: torch.Tensor, bits: str | float | Grid) -> torch.Tensor:
+    """The reference's per-row alpha initialisation: mean|W| (1 bit), max|W| (SEQ), max|W|/Qp (LSQ)."""
+    grid = bits if isinstance(bits, Grid) else grid_for_bits(bits)
+    w = weight.detach().float().abs()
+    if grid.method == "sign":
+        alpha = w.mean(dim=-1, keepdim=True)
+    elif grid.method == "seq":
+        alpha = w.amax(dim=-1, keepdim=True)
+    else:
+        alpha = w.amax(dim=-1, keepdim=True) / grid.qp
+    return alpha.clamp_min(ALPHA_EPS)
+
+
+@torch.no_grad()
+def quantize_codes(weight: torch.Tensor, alpha: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Unsigned integer codes q (uint8) of the fake-quantized weight, with the same arithmetic as the forward.
+
+    The reference maps an exactly-zero latent weight to 0 at 1 bit (sign(0) = 0), a value the binary grid cannot
+    hold; such weights (measure zero after training) get code 1 (+alpha).
+    """
+    x = weight.float() / _clamped_alpha(alpha.float())
+    idx = _level_index(x, grid)
+    if grid.method == "sign":
+        return (idx >= 0).to(torch.uint8)
+    if grid.method == "seq":
+        # (idx + shift) / n == (q - z) * step_per_alpha  =>  q = idx + z + shift
+        return (idx + (grid.zero + grid.seq_shift)).to(torch.uint8)
+    return (idx - grid.qn).to(torch.uint8)
+
+
+def alpha_to_step(alpha: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """The canonical per-row step s = alpha * step_per_alpha, rounded once to fp16 (shape [out])."""
+    return (_clamped_alpha(alpha.detach().float()) * grid.step_per_alpha).reshape(-1).to(torch.float16)
+
+
+def dequantize_codes(codes: torch.Tensor, step: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """w = s * (q - z) in float32. Exact: an fp16 step times a small half-integer fits fp32's mantissa."""
+    return step.float().reshape(-1, 1) * (codes.float() - grid.zero)
