@@ -1,0 +1,278 @@
+"""Exact ggml block encoders: integer codes + fp16 per-row steps -> raw GGUF block bytes.
+
+One small class per ggml type, vectorised numpy, registered by type (the shape of gguf-py's ``quants.py``).
+Unlike gguf-py's quantizers, nothing here re-derives a scale from float weights: every block scale is the row's
+checkpoint step s (or s/2 for grids with a half-integer zero), and every stored integer is a checkpoint code
+shifted by a constant, so ``gguf.quants.dequantize`` of the bytes reproduces ``s * (q - z)`` in float32 bit for bit.
+
+Block layouts follow ggml-common.h / gguf-py quants.py (vendored llama.cpp of llama-cpp-python 0.3.36):
+
+    Q4_0  [d f16][qs 16: lo nibble = x[j], hi nibble = x[j+16]]                      y = d*(c-8)
+    Q8_0  [d f16][qs 32 int8]                                                           y = d*c
+    TQ2_0 [qs 64: byte (h*32+l) holds x[h*128 + k*32 + l] at bits 2k][d f16]             y = d*(t-1)
+    TQ1_0 [qs 48: base-3, 5 trits/byte][qh 4: 4 trits/byte][d f16]                      y = d*(t-1)
+    Q2_K  [scales 16: (m<<4)|sc][qs 64: as TQ2_0][d f16][dmin f16]                       y = d*sc*q - dmin*m
+    Q3_K  [hmask 32: bit b of byte l = x[b*32+l] >= 0][qs 64: low 2 bits as Q2_K][scales 12: 6-bit][d f16]
+                                                                                         y = d*(sc-32)*q, q in -4..3
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from qat.grids import Grid
+
+QK_K = 256
+
+
+class NotExactError(ValueError):
+    """The container cannot hold this tensor's grid values exactly."""
+
+
+def half_step(grid: Grid) -> bool:
+    """Grids with a half-integer zero (binary z=0.5, 2-bit SEQ z=1.5) need block scale s/2 and odd integers."""
+    return float(grid.zero) != int(grid.zero)
+
+
+def int_range(grid: Grid) -> tuple[int, int]:
+    """The integers k with w = (s * m) * k, m = 1/2 for half-step grids else 1: k = (q - z) / m."""
+    m = 0.5 if half_step(grid) else 1.0
+    return int(round(-grid.zero / m)), int(round((grid.n_codes - 1 - grid.zero) / m))
+
+
+def scaled_step(step: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """fp16 step * factor rounded to fp16, and per-row flags saying whether that rounding was exact."""
+    s32 = np.asarray(step, dtype=np.float16).astype(np.float32)
+    want = s32 * np.float32(factor)  # exact in f32 for factors 1/2, 3/2 ...
+    d = want.astype(np.float16)
+    return d, d.astype(np.float32) == want
+
+
+ENCODERS: dict[GGMLQuantizationType, "BlockEncoder"] = {}  # filled as each encoder class is defined
+
+
+class BlockEncoder:
+    ggml_type: ClassVar[GGMLQuantizationType]
+    block_size: ClassVar[int]
+    type_size: ClassVar[int]
+
+    def __init_subclass__(cls, ggml_type: GGMLQuantizationType | None = None, **kw) -> None:
+        super().__init_subclass__(**kw)
+        if ggml_type is not None:
+            cls.ggml_type = ggml_type
+            cls.block_size, cls.type_size = GGML_QUANT_SIZES[ggml_type]
+            ENCODERS[ggml_type] = cls()
+
+    @property
+    def name(self) -> str:
+        return self.ggml_type.name
+
+    def holds(self, grid: Grid) -> bool:
+        """Whether every value of the grid is representable (block-scale exactness is checked per tensor)."""
+        raise NotImplementedError
+
+    def why_not_exact(self, codes: np.ndarray, step: np.ndarray, grid: Grid) -> str | None:
+        """None if ``encode`` is exact for this tensor, else a short reason."""
+        if codes.shape[-1] % self.block_size:
+            return f"{codes.shape[-1]} columns are not a multiple of the {self.name} block ({self.block_size})"
+        if not self.holds(grid):
+            return f"{self.name} cannot represent the {grid.name} grid's levels"
+        return self._why_not_exact_steps(step, grid)
+
+    def _why_not_exact_steps(self, step: np.ndarray, grid: Grid) -> str | None:
+        return None
+
+    def encode(self, codes: np.ndarray, step: np.ndarray, grid: Grid) -> np.ndarray:
+        """uint8 codes [rows, cols] + fp16 steps [rows] -> uint8 [rows, cols // block_size * type_size]."""
+        codes = np.ascontiguousarray(codes, dtype=np.uint8)
+        step = np.asarray(step, dtype=np.float16).reshape(-1)
+        reason = self.why_not_exact(codes, step, grid)
+        if reason is not None:
+            raise NotExactError(reason)
+        rows, cols = codes.shape
+        nb = cols // self.block_size
+        blocks = self._encode_blocks(codes.reshape(rows * nb, self.block_size), np.repeat(step, nb), grid)
+        assert blocks.shape == (rows * nb, self.type_size) and blocks.dtype == np.uint8
+        return blocks.reshape(rows, nb * self.type_size)
+
+    def _encode_blocks(self, codes: np.ndarray, step: np.ndarray, grid: Grid) -> np.ndarray:
+        raise NotImplementedError
+
+
+class _SymmetricEncoder(BlockEncoder):
+    """Types storing y = d * k with k a signed integer in [k_min, k_max] and one fp16 d per block."""
+
+    k_min: ClassVar[int]
+    k_max: ClassVar[int]
+
+    def holds(self, grid: Grid) -> bool:
+        lo, hi = int_range(grid)
+        return self.k_min <= lo and hi <= self.k_max
+
+    def _why_not_exact_steps(self, step: np.ndarray, grid: Grid) -> str | None:
+        if not half_step(grid):
+            return None  # d = s, already fp16
+        _, exact = scaled_step(step, 0.5)
+        if not exact.all():
+            row = int(np.flatnonzero(~exact)[0])
+            return f"step/2 of row {row} ({float(step[row])!r}) is not an exact fp16 (subnormal)"
+        return None
+
+    def _encode_blocks(self, codes: np.ndarray, step: np.ndarray, grid: Grid) -> np.ndarray:
+        m = 0.5 if half_step(grid) else 1.0
+        # k = (q - z) / m, an exact small integer
+        k = ((codes.astype(np.int16) * 2 - int(round(2 * grid.zero))) // int(round(2 * m))).astype(np.int16)
+        d, _ = scaled_step(step, m)
+        return self._pack(k, d)
+
+    def _pack(self, k: np.ndarray, d: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+def _d_bytes(d: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(d.astype(np.float16)).view(np.uint8).reshape(-1, 2)
+
+
+def _pack_2bit_qk(u: np.ndarray) -> np.ndarray:
+    """256 2-bit values per block -> 64 bytes: byte h*32+l holds value h*128 + j*32 + l at bits 2j."""
+    n = u.shape[0]
+    u = u.astype(np.uint8).reshape(n, 2, 4, 32) << np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    return np.bitwise_or.reduce(u, axis=2).reshape(n, 64)
+
+
+class Q4_0(_SymmetricEncoder, ggml_type=GGMLQuantizationType.Q4_0):
+    k_min, k_max = -8, 7
+
+    def _pack(self, k, d):
+        c = (k + 8).astype(np.uint8)
+        qs = c[:, :16] | (c[:, 16:] << np.uint8(4))
+        return np.concatenate([_d_bytes(d), qs], axis=1)
+
+
+class Q8_0(_SymmetricEncoder, ggml_type=GGMLQuantizationType.Q8_0):
+    k_min, k_max = -128, 127
+
+    def _pack(self, k, d):
+        return np.concatenate([_d_bytes(d), k.astype(np.int8).view(np.uint8)], axis=1)
+
+
+class TQ2_0(_SymmetricEncoder, ggml_type=GGMLQuantizationType.TQ2_0):
+    k_min, k_max = -1, 1  # the format stores t-1 up to 2, but ternary/binary use -1..1 only
+
+    def _pack(self, k, d):
+        return np.concatenate([_pack_2bit_qk(k + 1), _d_bytes(d)], axis=1)
+
+
+class TQ1_0(_SymmetricEncoder, ggml_type=GGMLQuantizationType.TQ1_0):
+    k_min, k_max = -1, 1
+
+    def _pack(self, k, d):
+        n = k.shape[0]
+        t = (k + 1).astype(np.uint16)
+        # first 160 values: 32 bytes of 5 trits (trit i of byte l is value i*32+l), next 80: 16 bytes of 5,
+        # last 16: 4 bytes of 4 trits; most significant trit first, then scaled to a byte (ceil(v*256/243))
+        w5 = np.array([81, 27, 9, 3, 1], dtype=np.uint16).reshape(1, 5, 1)
+        qs0 = (t[:, :160].reshape(n, 5, 32) * w5).sum(axis=1)
+        qs1 = (t[:, 160:240].reshape(n, 5, 16) * w5).sum(axis=1)
+        qh = (t[:, 240:].reshape(n, 4, 4) * np.array([81, 27, 9, 3], dtype=np.uint16).reshape(1, 4, 1)).sum(axis=1)
+        v = np.concatenate([qs0, qs1, qh], axis=1)
+        q = ((v * 256 + 242) // 243).astype(np.uint8)
+        return np.concatenate([q, _d_bytes(d)], axis=1)
+
+
+class Q3_K(_SymmetricEncoder, ggml_type=GGMLQuantizationType.Q3_K):
+    """All 16 sub-block scales are 33 (6-bit, minus 32 = 1), d is the row step: y = d * q, q in -4..3."""
+
+    k_min, k_max = -4, 3
+    # scale 33 = 0b10_0001: low nibbles 1 in bytes 0..7 (two scales each), high 2 bits 2 in bytes 8..11
+    _SCALES = np.array([0x11] * 8 + [0xAA] * 4, dtype=np.uint8)
+
+    def _pack(self, k, d):
+        n = k.shape[0]
+        u = (k + 4).astype(np.uint8)  # q = (u & 3) - (hbit ? 0 : 4)
+        hbit = (u >> np.uint8(2)).reshape(n, 8, 32) << np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+        hmask = np.bitwise_or.reduce(hbit, axis=1)
+        qs = _pack_2bit_qk(u & np.uint8(3))
+        return np.concatenate([hmask, qs, np.broadcast_to(self._SCALES, (n, 12)), _d_bytes(d)], axis=1)
+
+
+class Q2_K(BlockEncoder, ggml_type=GGMLQuantizationType.Q2_K):
+    """y = d*sc*q - dmin*m with q the raw code: d = s, sc = 1, and dmin*m = s*z (dmin = s/2, m = 2z for
+    half-integer zeros, e.g. 2-bit SEQ: dmin = s/2, m = 3; dmin = s, m = z otherwise)."""
+
+    def holds(self, grid: Grid) -> bool:
+        return grid.n_codes <= 4 and self._mins(grid)[1] <= 15
+
+    @staticmethod
+    def _mins(grid: Grid) -> tuple[float, int]:
+        factor = 0.5 if half_step(grid) else 1.0
+        return factor, int(round(grid.zero / factor))
+
+    def _why_not_exact_steps(self, step, grid):
+        factor, _ = self._mins(grid)
+        _, exact = scaled_step(step, factor)
+        if not exact.all():
+            row = int(np.flatnonzero(~exact)[0])
+            return f"step*{factor} of row {row} ({float(step[row])!r}) is not an exact fp16 (subnormal)"
+        return None
+
+    def _encode_blocks(self, codes, step, grid):
+        n = codes.shape[0]
+        factor, m = self._mins(grid)
+        dmin, _ = scaled_step(step, factor)
+        scales = np.full((n, 16), (m << 4) | 1, dtype=np.uint8)
+        return np.concatenate([scales, _pack_2bit_qk(codes), _d_bytes(step), _d_bytes(dmin)], axis=1)
+
+
+class _FloatEncoder(BlockEncoder):
+    """F32 holds every grid (an fp16 step times a small half-integer fits f32); F16 only when the values do."""
+
+    dtype: ClassVar[type]
+
+    def holds(self, grid: Grid) -> bool:
+        return self.dtype is np.float32
+
+    def why_not_exact(self, codes, step, grid):
+        if self.dtype is np.float32:
+            return None
+        w = dequantize_codes(codes, step, grid)
+        if not np.array_equal(w.astype(self.dtype).astype(np.float32), w):
+            return f"{self.name} cannot hold s * (q - z) exactly for the {grid.name} grid here"
+        return None
+
+    def encode(self, codes, step, grid):
+        reason = self.why_not_exact(codes, step, grid)
+        if reason is not None:
+            raise NotExactError(reason)
+        values = np.ascontiguousarray(dequantize_codes(codes, step, grid).astype(self.dtype))
+        return values.view(np.uint8)  # raw little-endian bytes, like the block types
+
+
+class F32(_FloatEncoder, ggml_type=GGMLQuantizationType.F32):
+    dtype = np.float32
+
+
+class F16(_FloatEncoder, ggml_type=GGMLQuantizationType.F16):
+    dtype = np.float16
+
+
+def dequantize_codes(codes: np.ndarray, step: np.ndarray, grid: Grid) -> np.ndarray:
+    """The canonical w = s * (q - z) in float32, in numpy (same arithmetic as qat.quantizers.dequantize_codes)."""
+    s = np.asarray(step, dtype=np.float16).astype(np.float32).reshape(-1, 1)
+    return s * (codes.astype(np.float32) - np.float32(grid.zero))
+
+
+def encoder_for(ggml_type: GGMLQuantizationType | str) -> BlockEncoder:
+    if isinstance(ggml_type, str):
+        ggml_type = GGMLQuantizationType[ggml_type.upper()]
+    try:
+        return ENCODERS[ggml_type]
+    except KeyError:
+        raise NotExactError(f"no exact encoder for {ggml_type.name}: choose one of {', '.join(supported_types())}")
+
+
+def supported_types() -> list[str]:
+    return [t.name for t in ENCODERS]

@@ -1,0 +1,272 @@
+"""GGUF export: exact block encoders, tiny Llama/Qwen2/Qwen3 exports run in llama.cpp, fallbacks, errors, SmolLM2."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from formats import gguf as G
+from formats.gguf_blocks import ENCODERS, NotExactError, dequantize_codes
+from qat.grids import GRIDS, grid_for_bits
+from runtime_tests.metrics import compare_logits
+
+pytest.importorskip("llama_cpp")
+
+EXPECTED_TYPE = {1: "TQ2_0", 1.58: "TQ2_0", 2: "Q2_K", 3: "Q3_K", 4: "Q4_0"}
+
+
+# ------------------------------------------------------------------------------------------------ block encoders
+@pytest.mark.parametrize(
+    "ggml_type,grid_name",
+    [(t, g) for t, enc in ENCODERS.items() for g, grid in GRIDS.items() if enc.holds(grid)],
+    ids=lambda v: getattr(v, "name", v),
+)
+def test_block_encoder_roundtrip_exact(ggml_type, grid_name):
+    grid, enc = GRIDS[grid_name], ENCODERS[ggml_type]
+    rng = np.random.default_rng(hash((ggml_type.name, grid_name)) % 2**32)
+    rows, cols = 7, 2 * max(enc.block_size, 256)
+    codes = rng.integers(0, grid.n_codes, (rows, cols)).astype(np.uint8)
+    codes[1] = grid.n_codes - 1  # extremes
+    codes[2] = 0
+    step = np.clip(np.exp(rng.normal(-3, 1.5, rows)), 2.0**-12, 8).astype(np.float16)  # half-steps stay normal
+    step[0] = 0
+    raw = enc.encode(codes, step, grid)
+    assert raw.dtype == np.uint8 and raw.shape == (rows, cols // enc.block_size * enc.type_size)
+    back = gguf.quants.dequantize(raw, ggml_type)
+    assert np.array_equal(np.asarray(back, dtype=np.float32).reshape(rows, cols), dequantize_codes(codes, step, grid))
+
+
+def test_block_encoder_refuses_inexact_half_step():
+    grid = GRIDS["seq2"]  # Q4_0 needs d = s/2: the smallest subnormal fp16 step has no exact half
+    step = np.array([np.float16(2.0**-24)], dtype=np.float16)
+    codes = np.zeros((1, 32), dtype=np.uint8)
+    assert ENCODERS[gguf.GGMLQuantizationType.Q4_0].why_not_exact(codes, step, grid)
+    with pytest.raises(NotExactError):
+        ENCODERS[gguf.GGMLQuantizationType.Q4_0].encode(codes, step, grid)
+    assert ENCODERS[gguf.GGMLQuantizationType.Q3_K].why_not_exact(np.zeros((1, 256), np.uint8), step, GRIDS["lsq3"]) is None
+
+
+def test_choose_tensor_type_table():
+    opts = G.GGUFOptions()
+    for bits, want in EXPECTED_TYPE.items():
+        assert G.choose_tensor_type("blk.0.attn_q.weight", grid_for_bits(bits), (256, 512), opts).ggml_type.name == want
+    tq1 = G.GGUFOptions(ternary_type="TQ1_0")
+    assert G.choose_tensor_type("blk.0.attn_q.weight", grid_for_bits(1.58), (256, 512), tq1).ggml_type.name == "TQ1_0"
+    choice = G.choose_tensor_type("blk.0.ffn_up.weight", grid_for_bits(2), (1536, 576), opts)
+    assert choice.ggml_type.name == "Q4_0" and choice.fallback and "576" in choice.reason
+    assert G.choose_tensor_type("token_embd.weight", None, (320, 576), opts).ggml_type.name == "F16"
+    assert G.choose_tensor_type("output_norm.weight", None, (576,), opts).ggml_type.name == "F32"
+
+
+def test_compare_logits_identity_and_shift():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(20, 50))
+    targets = rng.integers(0, 50, 20)
+    same = compare_logits(ref, ref + 3.0, targets)  # a constant shift changes no probability
+    assert same["mean_kl"] < 1e-12 and same["top1_agreement"] == 1.0 and abs(same["ppl_ratio"] - 1) < 1e-12
+    other = compare_logits(ref, rng.normal(size=(20, 50)), targets)
+    assert other["mean_kl"] > 0.1
+
+
+# ------------------------------------------------------------------------------------------------ tiny models
+@functools.lru_cache(maxsize=None)
+def tiny_checkpoint(arch: str, bits: float, **kw):
+    from paretoq_export.checkpoint import QuantizedCheckpoint
+    from qat.prepare import QATConfig, prepare
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    model = prepare(tiny_model(arch, **kw), QATConfig(bits=bits))
+    return QuantizedCheckpoint.from_qat_model(model, tiny_tokenizer(), recipe={"method": "rtn", "test": True})
+
+
+def _ids(n: int = 128, vocab: int = 320) -> np.ndarray:
+    return np.random.default_rng(1).integers(3, vocab, n)
+
+
+def _check_close(metrics: dict) -> None:
+    # random tiny models have near-tied logits: judge on KL and on clear-margin agreement (llama.cpp quantizes
+    # activations to 8 bits); a wrong Q/K permutation gives KL ~3e-4 here (test_permutation_matters)
+    assert metrics["mean_kl"] < 1e-4, metrics
+    assert metrics["top1_agreement_clear_margin"] >= 0.98, metrics
+    assert abs(metrics["ppl_ratio"] - 1) < 0.01, metrics
+
+
+@pytest.mark.parametrize(
+    "arch,bits",
+    [("llama", b) for b in (1, 1.58, 2, 3, 4)] + [("qwen2", 1.58), ("qwen2", 4), ("qwen3", 2), ("qwen3", 3)],
+)
+def test_tiny_export_exact_and_runs(tmp_path, arch, bits):
+    ckpt = tiny_checkpoint(arch, bits)
+    result = G.export_gguf(ckpt, tmp_path / "m.gguf")
+    types = {r.gguf_name: r.ggml_type for r in result.records if r.grid is not None}
+    assert len(types) == 7 * 2 and set(types.values()) == {EXPECTED_TYPE[bits]}
+    assert not result.fallbacks and not result.lossy
+    report = G.validate_gguf(result.path, ckpt, _ids())
+    assert report["readback"]["bit_exact"] and report["readback"]["exact"] == report["readback"]["tensors"]
+    _check_close(report["llamacpp_vs_reference"])
+    assert json.loads((tmp_path / "m.gguf.validation.json").read_text())["tokens"] == 128
+    reader = gguf.GGUFReader(str(result.path))
+    names = {t.name for t in reader.tensors}
+    assert ("output.weight" in names) == (not ckpt.tied)
+    arch_name = bytes(reader.get_field("general.architecture").parts[-1]).decode()
+    assert arch_name == arch
+    if arch == "qwen2":
+        assert "blk.0.attn_q.bias" in names
+    if arch == "qwen3":
+        assert "blk.0.attn_q_norm.weight" in names
+
+
+def test_tq1_and_untied_llama(tmp_path):
+    ckpt = tiny_checkpoint("llama", 1.58, tie_word_embeddings=False)
+    assert not ckpt.tied
+    result = G.export_gguf(ckpt, tmp_path / "m.gguf", G.GGUFOptions(ternary_type="TQ1_0", output_type="F32"))
+    assert result.tensor_types["blk.0.attn_q.weight"] == "TQ1_0"
+    assert result.tensor_types["output.weight"] == "F32" and result.tensor_types["token_embd.weight"] == "F16"
+    report = G.validate_gguf(result.path, ckpt, _ids())
+    assert report["readback"]["bit_exact"]
+    _check_close(report["llamacpp_vs_reference"])
+
+
+def test_permutation_matters(tmp_path, monkeypatch):
+    """Negative control: skipping llama's Q/K row permutation must show up in the metrics used above."""
+    ckpt = tiny_checkpoint("llama", 4)
+    monkeypatch.setattr(G, "_row_permutation", lambda *a: None)
+    path = G.export_gguf(ckpt, tmp_path / "bad.gguf").path
+    monkeypatch.undo()
+    from runtime_tests.llamacpp import LlamaCppRunner
+
+    ids = _ids()
+    with torch.no_grad():
+        ref = ckpt.build_reference_model()(torch.from_numpy(ids)[None]).logits[0].double().numpy()
+    with LlamaCppRunner(path, n_ctx=128) as runner:
+        test = runner.logits(ids)
+    assert compare_logits(ref[:-1], test[:-1], ids[1:])["mean_kl"] > 1e-4
+
+
+def test_fallback_576_columns(tmp_path, caplog):
+    ckpt = tiny_checkpoint("llama", 2, hidden=576, num_attention_heads=9, num_key_value_heads=3)
+    with caplog.at_level(logging.WARNING):
+        result = G.export_gguf(ckpt, tmp_path / "m.gguf")
+    assert result.tensor_types["blk.0.attn_q.weight"] == "Q4_0"  # 576 columns
+    assert result.tensor_types["blk.0.ffn_down.weight"] == "Q2_K"  # 512 columns
+    assert len(result.fallbacks) == 6 * 2 and "fallback Q2_K -> Q4_0" in caplog.text
+    reader = gguf.GGUFReader(str(result.path))
+    f = reader.get_field("paretoq.fallbacks")
+    recorded = [bytes(f.parts[i]).decode() for i in f.data]
+    assert any(r.startswith("blk.0.attn_q.weight: fallback Q2_K -> Q4_0") for r in recorded)
+    report = G.validate_gguf(result.path, ckpt, _ids())
+    assert report["readback"]["bit_exact"]
+    _check_close(report["llamacpp_vs_reference"])
+
+
+def test_embedding_type_and_exact_override(tmp_path):
+    ckpt = tiny_checkpoint("llama", 2)
+    opts = G.GGUFOptions(embedding_type="Q8_0", tensor_types=["attn_v=Q4_0", r"blk\.1\.ffn_down=Q3_K"])
+    result = G.export_gguf(ckpt, tmp_path / "m.gguf", opts)
+    assert result.tensor_types["token_embd.weight"] == "Q8_0" and result.lossy == ["token_embd.weight"]
+    assert result.tensor_types["blk.0.attn_v.weight"] == "Q4_0"  # exact: 2-bit SEQ with d = s/2
+    assert result.tensor_types["blk.1.ffn_down.weight"] == "Q3_K" and result.tensor_types["blk.0.ffn_down.weight"] == "Q2_K"
+    readback = G.verify_gguf_readback(result.path, ckpt)
+    assert set(readback["lossy"]) == {"token_embd.weight"} and readback["exact"] == readback["tensors"] - 1
+
+
+def _no_leftovers(path):
+    return sorted(p.name for p in path.iterdir())
+
+
+def test_errors_are_clear_and_leave_no_file(tmp_path):
+    ckpt = tiny_checkpoint("llama", 4)
+    with pytest.raises(G.GGUFExportError, match=r"blk\.0\.attn_v\.weight.*lsq4.*--allow-lossy"):
+        G.export_gguf(ckpt, tmp_path / "a.gguf", G.GGUFOptions(tensor_types=["attn_v=TQ2_0"]))
+    with pytest.raises(G.GGUFExportError, match="unknown GGUF tensor type 'Q9_9'"):
+        G.export_gguf(ckpt, tmp_path / "a.gguf", G.GGUFOptions(tensor_types=["attn_v=Q9_9"]))
+    with pytest.raises(G.GGUFExportError, match="NAME_REGEX=TYPE"):
+        G.export_gguf(ckpt, tmp_path / "a.gguf", G.GGUFOptions(tensor_types=["attn_v"]))
+    assert _no_leftovers(tmp_path) == []
+    lossy = G.export_gguf(ckpt, tmp_path / "a.gguf", G.GGUFOptions(tensor_types=["attn_v=Q8_0"]))
+    assert not lossy.lossy  # Q8_0 holds 4-bit exactly
+    with pytest.raises(G.GGUFExportError, match="exists.*--overwrite"):
+        G.export_gguf(ckpt, tmp_path / "a.gguf")
+    bad = type(ckpt)(dict(ckpt.config, model_type="gpt2", architectures=["GPT2LMHeadModel"]), ckpt.quantized,
+                     ckpt.tensors, ckpt.tokenizer_files, ckpt.recipe)
+    with pytest.raises(G.GGUFExportError, match=r"GPT2LMHeadModel.*supported are.*LlamaForCausalLM"):
+        G.export_gguf(bad, tmp_path / "b.gguf")
+    assert _no_leftovers(tmp_path) == ["a.gguf"]
+
+
+def test_lossy_override_with_allow_lossy(tmp_path):
+    ckpt = tiny_checkpoint("llama", 4)
+    result = G.export_gguf(ckpt, tmp_path / "m.gguf",
+                           G.GGUFOptions(tensor_types=["attn_v=TQ2_0"], allow_lossy=True))
+    assert result.tensor_types["blk.0.attn_v.weight"] == "TQ2_0" and "blk.0.attn_v.weight" in result.lossy
+    assert not G.verify_gguf_readback(result.path, ckpt)["bit_exact"]
+
+
+def test_default_name_and_cli(tmp_path, capsys):
+    from formats import gguf_cli
+
+    ckpt = tiny_checkpoint("qwen2", 2)
+    ckpt_dir = ckpt.save(tmp_path / "ckpt")
+    parser = argparse.ArgumentParser()
+    gguf_cli.add_arguments(parser)
+    args = parser.parse_args([str(ckpt_dir), "--base-model", "org/Tiny-Qwen", "--text", __file__,
+                              "--validate-tokens", "96"])
+    assert gguf_cli.run(args) == 0
+    out = capsys.readouterr().out
+    files = sorted(p.name for p in tmp_path.iterdir())
+    gguf_name = next(f for f in files if f.endswith(".gguf"))
+    assert gguf_name.startswith("Tiny-Qwen-") and "ParetoQ-2bit" in gguf_name and gguf_name.endswith("-Q2_K.gguf")
+    assert f"{gguf_name}.validation.json" in files
+    assert "bit-exact" in out and "mean KL" in out
+    reader = gguf.GGUFReader(str(tmp_path / gguf_name))
+    assert bytes(reader.get_field("general.quantized_by").parts[-1]).decode() == "paretoq-export"
+    assert json.loads(bytes(reader.get_field("paretoq.recipe").parts[-1]).decode())["method"] == "rtn"
+    assert bytes(reader.get_field("tokenizer.ggml.model").parts[-1]).decode() == "gpt2"
+    assert len(reader.get_field("tokenizer.ggml.tokens").data) == 320
+
+
+# ------------------------------------------------------------------------------------------------ SmolLM2
+@functools.lru_cache(maxsize=None)
+def smollm2_checkpoint(bits: float):
+    from paretoq_export.checkpoint import QuantizedCheckpoint
+    from paretoq_export.model_source import load_model
+    from qat.prepare import QATConfig, prepare
+
+    source = load_model(None)
+    model = prepare(source.model, QATConfig(bits=bits))
+    return QuantizedCheckpoint.from_qat_model(model, source.tokenizer,
+                                              recipe={"method": "rtn", "base_model": source.base_model})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [2, 4])
+def test_smollm2(tmp_path, bits):
+    from formats.gguf_cli import validation_text
+
+    ckpt = smollm2_checkpoint(bits)
+    result = G.export_gguf(ckpt, tmp_path)
+    assert result.path.name == f"SmolLM2-135M-Instruct-ParetoQ-{bits}bit-Q4_0.gguf"
+    if bits == 2:  # 576-wide rows fall back to Q4_0; 1536-wide down_proj stays Q2_K
+        assert result.tensor_types["blk.0.attn_q.weight"] == "Q4_0" and len(result.fallbacks) == 30 * 6
+        assert result.tensor_types["blk.0.ffn_down.weight"] == "Q2_K"
+    ids = ckpt.load_tokenizer()(validation_text())["input_ids"][:512]
+    report = G.validate_gguf(result.path, ckpt, ids)
+    m = report["llamacpp_vs_reference"]
+    assert report["readback"]["bit_exact"]
+    f16 = G.export_gguf(ckpt, tmp_path / "f16.gguf", G.GGUFOptions(tensor_types=[".*=F16"], allow_lossy=True))
+    print(f"SmolLM2 {bits}-bit: {result.nbytes / 2**20:.1f} MiB = {result.nbytes / f16.nbytes:.3f} x F16 GGUF "
+          f"({f16.nbytes / 2**20:.1f} MiB); {json.dumps(m)}")
+    assert result.nbytes < 0.5 * f16.nbytes
+    if bits == 4:
+        assert abs(m["ppl_ratio"] - 1) < 0.01, m
+    else:
+        # RTN 2-bit SmolLM2 is a broken model (reference PPL ~5e6): llama.cpp's 8-bit activations change its
+        # chaotic logits, so only exactness and loading are asserted here; trained (QAT) checkpoints are the target
+        assert np.isfinite(m["ppl_test"])
