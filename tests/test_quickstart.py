@@ -1,0 +1,30 @@
+"""The quickstart pipeline end to end on a tiny model and a small text file (the real one runs SmolLM2-135M)."""
+
+import json
+
+from paretoq_export.quickstart import QuickstartConfig, run_quickstart
+from tiny_models import TINY_TEXT, save_tiny_model_dir
+
+
+def test_quickstart_tiny_end_to_end(tmp_path, capsys):
+    model_dir = save_tiny_model_dir(tmp_path / "tiny-llama")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Document {i}. {TINY_TEXT * 2}" for i in range(80)))
+    out = tmp_path / "out"
+    config = QuickstartConfig(model=str(model_dir), data=(str(corpus),), steps=4, block_size=32, eval_blocks=4,
+                              validate_tokens=96, generate_tokens=4, prompt="The quick brown", output_dir=out)
+    assert run_quickstart(config) == 0
+
+    summary = json.loads((out / "quickstart.json").read_text())
+    readback = summary["validation"]["readback"]
+    assert readback["exact"] == readback["tensors"] > 0
+    metrics = summary["validation"]["llamacpp_vs_reference"]
+    assert metrics["positions"] == 95
+    assert metrics["mean_kl"] < 1e-3 and abs(metrics["ppl_ratio"] - 1) < 0.01
+    assert summary["train"]["steps"] == 4
+    assert summary["gguf_types"].get("Q2_K", 0) == 14  # 2 layers x 7 linears, 256-multiple widths: no fallback
+    assert summary["gguf_bytes"] < summary["f16_bytes"]
+    assert summary["rtn_ppl"] > 0 and summary["qat_ppl"] > 0 and summary["float_ppl"] > 0
+    assert (out / "quickstart-2bit.gguf").is_file() and (out / "quickstart-F16.gguf").is_file()
+    printed = capsys.readouterr().out
+    assert "F16 (float)" in printed and "greedy: 'The quick brown" in printed
