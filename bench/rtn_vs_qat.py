@@ -21,7 +21,8 @@ import torch
 
 from paretoq_export.checkpoint import QuantizedCheckpoint
 from paretoq_export.model_source import load_model
-from paretoq_export.pipeline import DataSpec, heldout_perplexity, load_blocks
+from paretoq_export.pipeline import heldout_perplexity
+from qat.data import DataConfig, build_data
 from qat.prepare import QATConfig, prepare
 from qat.trainer import TrainConfig, train
 
@@ -42,9 +43,9 @@ def main() -> None:
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    data = DataSpec(args.data, args.block_size)
+    data = DataConfig(args.data, args.block_size)
     source = load_model(args.model)
-    train_blocks, heldout = load_blocks(source.tokenizer, data)
+    train_blocks, heldout = build_data(source.tokenizer, data)
     heldout = heldout[: args.eval_blocks]
     rows = []
     model = source.model.to(device)

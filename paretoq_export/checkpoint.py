@@ -91,6 +91,20 @@ def _to_float_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torc
     return out.contiguous()
 
 
+def _float_tensors_and_config(model: nn.Module, skip: set[str], float_dtype: str) -> tuple[dict, dict]:
+    """Every tensor of the model not in ``skip`` (alphas and a tied lm_head excluded) in ``float_dtype``, and the
+    model config without any quantization_config."""
+    skip = set(skip)
+    if getattr(model.config, "tie_word_embeddings", False):
+        skip.add("lm_head.weight")  # the shared table is stored once, under the embedding's name
+    dtype = _FLOAT_DTYPES[float_dtype]
+    tensors = {k: _to_float_dtype(k, v.cpu(), dtype) for k, v in model.state_dict().items()
+               if k not in skip and not k.endswith(".alpha")}
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    return tensors, config
+
+
 @dataclass
 class QuantizedCheckpoint:
     config: dict  # the transformers config as a dict, without quantization_config
@@ -121,14 +135,7 @@ class QuantizedCheckpoint:
                 continue  # the shared table is stored once, under the embedding's name
             codes = quantize_codes(module.weight.detach(), module.alpha.detach(), module.grid)
             quantized[key] = QuantizedTensor(codes.cpu(), alpha_to_step(module.alpha, module.grid).cpu(), module.grid)
-        state = {k: v for k, v in model.state_dict().items() if not k.endswith(".alpha")}
-        skip = set(quantized)
-        if tied:
-            skip.add("lm_head.weight")
-        dtype = _FLOAT_DTYPES[float_dtype]
-        tensors = {k: _to_float_dtype(k, v.cpu(), dtype) for k, v in state.items() if k not in skip}
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
+        tensors, config = _float_tensors_and_config(model, skip=set(quantized), float_dtype=float_dtype)
         full_recipe = dict(recipe or {})
         qat_config = getattr(model, "_paretoq_config", None)
         if qat_config is not None:
@@ -149,13 +156,7 @@ class QuantizedCheckpoint:
         model = _unwrap(model)
         if quantized_modules(model):
             raise CheckpointError("the model has ParetoQ modules: use QuantizedCheckpoint.from_qat_model")
-        state = model.state_dict()
-        if getattr(model.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)
-        dtype = _FLOAT_DTYPES[float_dtype]
-        tensors = {k: _to_float_dtype(k, v.cpu(), dtype) for k, v in state.items()}
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
+        tensors, config = _float_tensors_and_config(model, skip=set(), float_dtype=float_dtype)
         full_recipe = {"method": "float", **(recipe or {}), "float_dtype": float_dtype}
         return cls(config, {}, tensors, _tokenizer_files(tokenizer), full_recipe)
 

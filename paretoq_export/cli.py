@@ -15,7 +15,7 @@ from pathlib import Path
 from paretoq_export.checkpoint import CheckpointError
 from paretoq_export.model_source import ModelSourceError
 
-FORMATS = ("gguf",)
+FORMATS = ("gguf", "onnx", "executorch")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -52,9 +52,9 @@ def _qat_config(args):
 
 
 def _data_spec(args):
-    from paretoq_export.pipeline import DataSpec
+    from qat.data import DataConfig
 
-    return DataSpec(list(args.data), args.block_size, args.heldout_fraction, args.data_seed)
+    return DataConfig(list(args.data), args.block_size, args.heldout_fraction, args.data_seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,13 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-blocks", type=int, default=64)
     p.add_argument("--json", default=None, help="also write the result here")
 
-    p = sub.add_parser("export", help="write a runtime file from a checkpoint: --format gguf")
+    p = sub.add_parser("export", help="write a runtime file from a checkpoint: --format gguf|onnx|executorch")
     p.add_argument("--format", required=True, choices=FORMATS)
     _add_format_args(p)
 
     p = sub.add_parser("quickstart", help="SmolLM2-135M: short 2-bit QAT -> checkpoint -> GGUF -> llama.cpp")
     p.add_argument("--bits", default=None, help="1, 1.58, 2, 3 or 4 (default 2)")
-    p.add_argument("--steps", type=int, default=None, help="QAT steps (default 80, ~6 min on 2 cores)")
+    p.add_argument("--steps", type=int, default=None, help="QAT steps (default 60, ~10 min on 2 cores)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4: best of a sweep at this budget)")
     p.add_argument("--output-dir", default=None, help="where checkpoint, GGUF files and quickstart.json go "
                    "(default quickstart-out)")
@@ -113,15 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_cli(fmt: str):
+    """formats/<fmt>_cli.py: each exporter mounts its own arguments (add_arguments) and action (run)."""
+    import importlib
+
+    return importlib.import_module(f"formats.{fmt}_cli")
+
+
 def _add_format_args(p: argparse.ArgumentParser) -> None:
-    fmt = _peek_format(sys.argv[1:])
-    if fmt in (None, "gguf"):
-        try:
-            from formats import gguf_cli
-        except ImportError:  # exporter extras missing: parsing still works, running says what to install
-            p.add_argument("rest", nargs=argparse.REMAINDER)
-        else:
-            gguf_cli.add_arguments(p)
+    fmt = _peek_format(sys.argv[1:]) or "gguf"
+    try:
+        module = _format_cli(fmt) if fmt in FORMATS else None
+    except ImportError:  # exporter extras missing: parsing still works, running says what to install
+        module = None
+    if module is None:
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+    else:
+        module.add_arguments(p)
 
 
 def _peek_format(argv: list[str]) -> str | None:
@@ -171,13 +179,14 @@ def _run(args) -> int:
         return 0
     if args.command == "eval":
         from paretoq_export.checkpoint import QuantizedCheckpoint
-        from paretoq_export.pipeline import heldout_perplexity, load_blocks
+        from paretoq_export.pipeline import heldout_perplexity
+        from qat.data import build_data
 
         ckpt = QuantizedCheckpoint.load(args.checkpoint)
         tokenizer = ckpt.load_tokenizer()
         if tokenizer is None:
             raise CheckpointError(f"{args.checkpoint} has no tokenizer files: re-create it with a tokenizer")
-        _, heldout = load_blocks(tokenizer, _data_spec(args))
+        _, heldout = build_data(tokenizer, _data_spec(args))
         import torch
 
         reference = ckpt.build_reference_model().to("cuda" if torch.cuda.is_available() else "cpu")
@@ -189,10 +198,7 @@ def _run(args) -> int:
             Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         return 0
     if args.command == "export":
-        if args.format == "gguf":
-            from formats import gguf_cli
-
-            return gguf_cli.run(args)
+        return _format_cli(args.format).run(args)
     if args.command == "quickstart":
         from paretoq_export.quickstart import run_quickstart
 

@@ -5,24 +5,15 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from paretoq_export.checkpoint import CheckpointError, QuantizedCheckpoint
 from paretoq_export.model_source import load_model
+from qat.data import DataConfig, build_data
 from qat.prepare import QATConfig, prepare
-
-
-@dataclass
-class DataSpec:
-    """Text for training and held-out evaluation: files, JSONL, datasets dirs, or 'wikipedia' (packaged)."""
-
-    sources: list[str] = field(default_factory=lambda: ["wikipedia"])
-    block_size: int = 256
-    heldout_fraction: float = 0.05
-    seed: int = 0
 
 
 def _check_output(output: str | os.PathLike, overwrite: bool) -> Path:
@@ -35,14 +26,6 @@ def _check_output(output: str | os.PathLike, overwrite: bool) -> Path:
 
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def load_blocks(tokenizer, data: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    from qat.corpora import resolve_data_source
-    from qat.data import load_documents, pack_blocks
-
-    documents = load_documents([resolve_data_source(s) for s in data.sources])
-    return pack_blocks(tokenizer, documents, data.block_size, heldout_fraction=data.heldout_fraction, seed=data.seed)
 
 
 def heldout_perplexity(model: torch.nn.Module, blocks: torch.Tensor, max_blocks: int | None = None,
@@ -81,7 +64,7 @@ class QATRun:
 def run_qat(
     model_spec: str | None,
     qat_config: QATConfig,
-    data: DataSpec,
+    data: DataConfig,
     train_config,  # qat.trainer.TrainConfig
     output: str | os.PathLike,
     overwrite: bool = False,
@@ -94,7 +77,7 @@ def run_qat(
 
     out = _check_output(output, overwrite)
     source = load_model(model_spec, trust_remote_code=trust_remote_code)
-    train_blocks, heldout_blocks = load_blocks(source.tokenizer, data)
+    train_blocks, heldout_blocks = build_data(source.tokenizer, data)
     teacher = None
     if distill or getattr(train_config, "distill_weight", 0) > 0:
         import copy

@@ -212,3 +212,15 @@ def test_recover_grid_codes_exact_when_values_are_exact():
     w = step.float()[:, None] * (codes.float() - grid.zero)
     rec = recover_grid_codes(w, grid)
     assert torch.equal(rec.dequantize(), w)
+
+
+def test_from_float_model_keeps_the_unquantized_model():
+    model = tiny_model("llama")  # tied embeddings
+    ckpt = QuantizedCheckpoint.from_float_model(model, float_dtype="float32")
+    state = model.state_dict()
+    assert not ckpt.quantized and "lm_head.weight" not in ckpt.tensors
+    assert set(ckpt.tensors) == set(state) - {"lm_head.weight"}
+    assert all(torch.equal(ckpt.tensors[k], state[k]) for k in ckpt.tensors)
+    assert ckpt.recipe["method"] == "float"
+    with pytest.raises(CheckpointError, match="from_qat_model"):
+        QuantizedCheckpoint.from_float_model(prepare(tiny_model("llama"), QATConfig(bits=2)))
