@@ -1,0 +1,157 @@
+"""Validation of an exported ONNX folder against its checkpoint.
+
+    verify_onnx_readback(folder, checkpoint)   every MatMulNBits weight decoded by onnxruntime itself, and every
+                                               float initializer, equals the checkpoint's dequantized tensor bit
+                                               for bit
+    validate_onnx(folder, checkpoint, ids)     read-back + onnxruntime logits vs the PyTorch reference (KL, top-1,
+                                               PPL ratio) + cached vs uncached greedy generation; JSON in the folder
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from formats.onnx import EMBED, MODEL_FILE, VALIDATION_FILE, _load, quantized_weight
+from formats.onnx_graph import IR_VERSION, MS_DOMAIN, OPSET
+
+_DECODE_ROWS = 1024  # identity rows per decoding run: bounds memory for wide K
+
+
+class ReadbackMismatch(ValueError):
+    """A tensor read back from the ONNX model differs from the checkpoint."""
+
+
+def decode_matmulnbits(node: ir.Node) -> np.ndarray:
+    """The float32 weight [N, K] a MatMulNBits node multiplies by, as onnxruntime computes it: the node's own
+    initializers and attributes in a one-node model at accuracy_level 0, fed the identity (I @ W^T = W^T exactly,
+    every product being 1*w or 0*w)."""
+    import onnxruntime as ort
+
+    attrs = {a.name: a.value for a in node.attributes.values()}
+    k, n = int(attrs["K"]), int(attrs["N"])
+    consts = [ir.tensor(v.const_value.numpy(), name=f"in{i}") for i, v in enumerate(node.inputs[1:], 1)]
+    a = ir.Value(name="A", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["M", k]))
+    inits = [ir.Value(name=t.name, const_value=t, type=ir.TensorType(t.dtype), shape=t.shape) for t in consts]
+    y = ir.Value(name="Y", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["M", n]))
+    decoded = ir.Node(MS_DOMAIN, "MatMulNBits", [a, *inits], outputs=[y],
+                      attributes=[ir.AttrInt64(key, int(val)) for key, val in {**attrs, "accuracy_level": 0}.items()])
+    graph = ir.Graph([a], [y], nodes=[decoded], initializers=inits, opset_imports={"": OPSET, MS_DOMAIN: 1})
+    proto = ir.serde.serialize_model(ir.Model(graph, ir_version=IR_VERSION))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    out = np.empty((n, k), dtype=np.float32)
+    for start in range(0, k, _DECODE_ROWS):
+        stop = min(k, start + _DECODE_ROWS)
+        eye = np.zeros((stop - start, k), dtype=np.float32)
+        eye[np.arange(stop - start), np.arange(start, stop)] = 1.0
+        out[:, start:stop] = session.run(None, {"A": eye})[0].T
+    return out
+
+
+def _initializer_values(model: ir.Model) -> dict[str, np.ndarray]:
+    """Float initializers as float32 (the fp16-stored ones widened: the graph casts them the same way)."""
+    out = {}
+    for name, value in model.graph.initializers.items():
+        array = value.const_value.numpy()
+        if array.dtype in (np.float16, np.float32):
+            out[name] = array.astype(np.float32)
+    return out
+
+
+def _expected_floats(ckpt) -> dict[str, np.ndarray]:
+    out = {k: v.float().numpy() for k, v in ckpt.tensors.items() if v.is_floating_point()}
+    if EMBED in ckpt.quantized:  # the Gather table holds the dequantized embedding
+        out[EMBED] = ckpt.quantized[EMBED].dequantize().numpy()
+    return out
+
+
+def _first_difference(name: str, got: np.ndarray, want: np.ndarray) -> str:
+    if got.shape != want.shape:
+        return f"{name}: shape {got.shape} != checkpoint {want.shape}"
+    bad = tuple(int(i) for i in np.argwhere(got != want)[0])
+    return f"{name} differs from the checkpoint at {bad}: {float(got[bad])!r} != {float(want[bad])!r}"
+
+
+def verify_onnx_readback(folder: str | os.PathLike, checkpoint, progress: bool | None = False) -> dict:
+    """Decode every MatMulNBits weight with onnxruntime and compare every float initializer with the checkpoint
+    (exact float32 equality). Raises ReadbackMismatch naming the first tensor that differs or is missing."""
+    from tqdm.auto import tqdm
+
+    ckpt, _ = _load(checkpoint)
+    model = ir.load(Path(folder) / MODEL_FILE)
+    floats = _initializer_values(model)
+    expected = _expected_floats(ckpt)
+    checked: dict[str, str] = {}  # checkpoint tensor -> what held it
+    nodes = [n for n in model.graph if n.op_type == "MatMulNBits"]
+    for node in tqdm(nodes, desc="onnx read-back", unit="weight", disable=None if progress is None else not progress):
+        q = quantized_weight(ckpt, node.name)
+        if q is None:
+            raise ReadbackMismatch(f"MatMulNBits {node.name} has no quantized weight in the checkpoint")
+        got, want = decode_matmulnbits(node), q.dequantize().numpy()
+        if got.shape != want.shape or not np.array_equal(got, want):
+            raise ReadbackMismatch(_first_difference(node.name, got, want))
+        checked[EMBED if node.name == "lm_head" and "lm_head.weight" not in ckpt.quantized else
+                f"{node.name}.weight"] = "MatMulNBits"
+    for name, want in expected.items():
+        if name not in floats:
+            continue
+        if floats[name].shape != want.shape or not np.array_equal(floats[name], want):
+            raise ReadbackMismatch(_first_difference(name, floats[name], want))
+        checked.setdefault(name, "float")
+    missing = (set(ckpt.quantized) | set(expected)) - set(checked) - ({"lm_head.weight"} if ckpt.tied else set())
+    if missing:
+        raise ReadbackMismatch(f"{folder} lacks tensors {sorted(missing)[:3]}")
+    n_quant = sum(1 for v in checked.values() if v == "MatMulNBits")
+    return {"tensors": len(checked), "matmulnbits": n_quant, "float": len(checked) - n_quant, "bit_exact": True}
+
+
+def reference_logits(ckpt, ids: np.ndarray) -> np.ndarray:
+    import torch
+
+    model = ckpt.build_reference_model()
+    with torch.no_grad():
+        return model(torch.from_numpy(np.asarray(ids, dtype=np.int64)).unsqueeze(0)).logits[0].double().numpy()
+
+
+def validate_onnx(folder: str | os.PathLike, checkpoint, token_ids: Sequence[int] | np.ndarray, n_threads: int = 2,
+                  generate_tokens: int = 16, prompt_tokens: int = 16, margin: float | None = None,
+                  json_path: str | os.PathLike | None = None, reference: np.ndarray | None = None) -> dict:
+    """Read-back exactness, onnxruntime vs PyTorch logits on ``token_ids`` (one sequence), and greedy generation
+    with the KV cache vs without it (token for token). Written to ``<folder>/validation.json`` and returned.
+    ``reference``: precomputed reference logits [T, V] for ``token_ids`` (to share one reference run)."""
+    from runtime_tests.metrics import compare_logits
+    from runtime_tests.onnxruntime_runner import OnnxRuntimeRunner
+
+    ckpt, _ = _load(checkpoint)
+    folder = Path(folder)
+    readback = verify_onnx_readback(folder, ckpt)
+    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    ref = reference if reference is not None else reference_logits(ckpt, ids)
+    runner = OnnxRuntimeRunner(folder, n_threads=n_threads)
+    test = runner.logits(ids).astype(np.float64)
+    metrics = compare_logits(ref[:-1], test[:-1], ids[1:], margin=margin)
+    metrics["max_rel_diff"] = float(np.abs(ref - test).max() / np.abs(ref).max())
+    prompt = ids[:prompt_tokens].tolist()
+    cached = runner.generate(prompt, generate_tokens, use_cache=True)
+    uncached = runner.generate(prompt, generate_tokens, use_cache=False)
+    meta = {p.key: p.value for p in onnx.load(folder / MODEL_FILE, load_external_data=False).metadata_props}
+    result = {
+        "onnx": str(folder), "tokens": int(len(ids)), "threads": n_threads,
+        "accuracy_level": int(meta.get("paretoq.accuracy_level", -1)),
+        "readback": readback, "onnxruntime_vs_reference": metrics,
+        "generation": {"prompt_tokens": len(prompt), "new_tokens": generate_tokens, "cached": cached,
+                       "uncached": uncached, "cached_equals_uncached": cached == uncached},
+    }
+    json_path = Path(json_path) if json_path else folder / VALIDATION_FILE
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    result["json"] = str(json_path)
+    return result
+
