@@ -15,7 +15,7 @@ from pathlib import Path
 from paretoq_export.checkpoint import CheckpointError
 from paretoq_export.model_source import ModelSourceError
 
-FORMATS = ("gguf", "onnx", "executorch")
+FORMATS = ("gguf", "onnx")  # "executorch" joins when formats/executorch_cli.py lands
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-blocks", type=int, default=64)
     p.add_argument("--json", default=None, help="also write the result here")
 
-    p = sub.add_parser("export", help="write a runtime file from a checkpoint: --format gguf|onnx|executorch")
+    p = sub.add_parser("export", help="write a runtime file from a checkpoint: --format gguf|onnx")
     p.add_argument("--format", required=True, choices=FORMATS)
     _add_format_args(p)
 
