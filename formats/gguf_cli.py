@@ -64,6 +64,20 @@ def validation_text(path: str | None = None) -> str:
         return _FALLBACK_TEXT * 8
 
 
+def validation_token_ids(ckpt, args: argparse.Namespace) -> list[int] | None:
+    """Held-out token ids to validate an export with (--validate / --text / --validate-tokens, shared by every
+    exporter's CLI), or None when validation is off (default: on below VALIDATE_MAX_PARAMS) or impossible."""
+    n_params = sum(int(q.codes.numel()) for q in ckpt.quantized.values()) + sum(
+        int(t.numel()) for t in ckpt.tensors.values())
+    if not (args.validate if args.validate is not None else n_params < VALIDATE_MAX_PARAMS):
+        return None
+    tokenizer = ckpt.load_tokenizer()
+    if tokenizer is None:
+        print("validation skipped: the checkpoint has no tokenizer", file=sys.stderr)
+        return None
+    return tokenizer(validation_text(args.text))["input_ids"][: args.validate_tokens]
+
+
 def run(args: argparse.Namespace) -> int:
     from formats.gguf import GGUFOptions, export_gguf, validate_gguf
 
@@ -91,16 +105,9 @@ def run(args: argparse.Namespace) -> int:
     if result.lossy:
         print(f"lossy tensors: {', '.join(result.lossy[:5])}{' ...' if len(result.lossy) > 5 else ''}")
 
-    n_params = sum(int(q.codes.numel()) for q in ckpt.quantized.values()) + sum(
-        int(t.numel()) for t in ckpt.tensors.values())
-    validate = args.validate if args.validate is not None else n_params < VALIDATE_MAX_PARAMS
-    if not validate:
+    ids = validation_token_ids(ckpt, args)
+    if ids is None:
         return 0
-    tokenizer = ckpt.load_tokenizer()
-    if tokenizer is None:
-        print("validation skipped: the checkpoint has no tokenizer", file=sys.stderr)
-        return 0
-    ids = tokenizer(validation_text(args.text))["input_ids"][: args.validate_tokens]
     report = validate_gguf(result.path, ckpt, ids, n_threads=args.threads)
     m = report["llamacpp_vs_reference"]
     rb = report["readback"]

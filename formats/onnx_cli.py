@@ -10,7 +10,6 @@ import argparse
 import logging
 from pathlib import Path
 
-VALIDATE_MAX_PARAMS = 1_000_000_000  # --validate defaults on below this size
 
 ACCURACY_HELP = (
     "MatMulNBits accuracy_level. 0 (default): float32 activations, logits match the PyTorch reference to ~1e-6; "
@@ -47,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from formats.gguf_cli import validation_text
+    from formats.gguf_cli import validation_token_ids
     from formats.onnx import OnnxOptions, export_onnx
     from formats.onnx_validate import validate_onnx
     from paretoq_export.checkpoint import QuantizedCheckpoint
@@ -71,16 +70,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{kind:<16} {n:>7} {mib:>8.2f}")
     print(f"{'float tensors':<16} {'':>7} {result.float_bytes / 2**20:>8.2f}")
 
-    n_params = sum(int(q.codes.numel()) for q in ckpt.quantized.values()) + sum(
-        int(t.numel()) for t in ckpt.tensors.values())
-    validate = args.validate if args.validate is not None else n_params < VALIDATE_MAX_PARAMS
-    if not validate:
+    ids = validation_token_ids(ckpt, args)
+    if ids is None:
         return 0
-    tokenizer = ckpt.load_tokenizer()
-    if tokenizer is None:
-        print("validation skipped: the checkpoint has no tokenizer")
-        return 0
-    ids = tokenizer(validation_text(args.text))["input_ids"][: args.validate_tokens]
     report = validate_onnx(result.path, ckpt, ids, n_threads=args.threads)
     m, rb, gen = report["onnxruntime_vs_reference"], report["readback"], report["generation"]
     print(f"read-back: {rb['tensors']} tensors bit-exact ({rb['matmulnbits']} MatMulNBits decoded by onnxruntime)")
