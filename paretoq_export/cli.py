@@ -15,7 +15,16 @@ from pathlib import Path
 from paretoq_export.checkpoint import CheckpointError
 from paretoq_export.model_source import ModelSourceError
 
-FORMATS = ("gguf", "onnx")  # "executorch" joins when formats/executorch_cli.py lands
+FORMATS = ("gguf", "onnx", "executorch")
+
+# Commands that live in their own module: each module has add_arguments(parser) and run(args) -> int.
+MODULE_COMMANDS = {
+    "validate": ("paretoq_export.validate", "run an exported file in its runtime and compare it with the checkpoint"),
+    "bench": ("paretoq_export.bench", "prefill/decode speed, memory, size and load time of exported files"),
+    "pareto": ("paretoq_export.pareto", "quantize/train, export, validate and benchmark every bit-width; table + plots"),
+    "card": ("paretoq_export.model_card", "write the Hub model card (README.md) of an output folder"),
+    "push": ("paretoq_export.hub", "upload an output folder (with its model card) to the Hugging Face Hub"),
+}
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -99,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-blocks", type=int, default=64)
     p.add_argument("--json", default=None, help="also write the result here")
 
-    p = sub.add_parser("export", help="write a runtime file from a checkpoint: --format gguf|onnx")
+    p = sub.add_parser("export", help="write a runtime file from a checkpoint: --format gguf|onnx|executorch")
     p.add_argument("--format", required=True, choices=FORMATS)
     _add_format_args(p)
 
@@ -110,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="where checkpoint, GGUF files and quickstart.json go "
                    "(default quickstart-out)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and llama.cpp (default 2)")
+
+    import importlib
+
+    for name, (module_name, help_text) in MODULE_COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # TODO(before landing): every module exists; drop this tolerance
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
@@ -199,6 +219,10 @@ def _run(args) -> int:
         return 0
     if args.command == "export":
         return _format_cli(args.format).run(args)
+    if args.command in MODULE_COMMANDS:
+        import importlib
+
+        return importlib.import_module(MODULE_COMMANDS[args.command][0]).run(args)
     if args.command == "quickstart":
         from paretoq_export.quickstart import run_quickstart
 

@@ -1,0 +1,300 @@
+"""ExecuTorch writer for the canonical checkpoint: a .pte with a static KV cache, linears delegated to XNNPACK.
+
+    export_executorch(checkpoint, output, ExecuTorchOptions())   -> ExecuTorchExportResult
+    validate_executorch(pte, checkpoint, token_ids)             -> logits vs the PyTorch reference (JSON),
+                                                                   KV-cached decode vs full recompute
+
+Quantized linears are built from the checkpoint's integer codes and fp16 steps (formats.executorch_weights), never
+re-quantized from floats: on x86 every grid sits exactly in an int4 per-channel container that XNNPACK runs with
+int8 dynamic activations (8da4w); ``target="arm64"`` keeps the true 1-3 bit widths for torchao's lowbit kernels,
+which exist only in Arm64 builds of torchao and ExecuTorch (see ExecuTorchOptions.target). The program, its
+metadata and KV cache follow formats.executorch_program; the tokenizer file is written beside the .pte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from formats.executorch_program import (
+    LINEAR_OPS, QUANT_OPS, Delegation, eos_ids, export_program, lower_to_executorch, metadata,
+)
+from formats.executorch_weights import TARGETS, ContainerError, build_eager_model, verify_eager_weights
+from qat.grids import format_bits
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+EMBEDDING_BITS = (4, 8)
+DEFAULT_MAX_SEQ_LEN = 1024
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what ExecuTorch's runner loads (HF json, SentencePiece)
+
+
+class ExecuTorchExportError(ValueError):
+    """An ExecuTorch export the user can fix; the message is one line naming the problem and the fix."""
+
+
+@dataclass
+class ExecuTorchOptions:
+    # "x86": every grid in int4 (XNNPACK 8da4w), runs anywhere. "arm64": true 1/1.58/2/3-bit weights through
+    # torchao's lowbit kernels; the export needs torchao with those kernels (Arm64 wheels) and the .pte runs only
+    # on ExecuTorch built with them (EXECUTORCH_BUILD_KERNELS_TORCHAO=ON), never on x86.
+    target: str = "x86"
+    max_seq_len: int | None = None  # KV cache length, prompt + generated; None: 1024 or max_position_embeddings
+    embedding_bits: int | None = None  # 4 or 8: per-row symmetric embedding table (lossy, float table rounded)
+    overwrite: bool = False
+    write_tokenizer: bool = True
+    progress: bool | None = None  # tqdm: None = only on a terminal
+
+
+@dataclass
+class ExecuTorchExportResult:
+    path: Path
+    nbytes: int
+    tokenizer_path: Path | None
+    target: str
+    max_seq_len: int
+    delegation: Delegation
+    weights: dict  # verify_eager_weights: every quantized weight equals the checkpoint's
+    seconds: float
+    metadata: dict = field(default_factory=dict)
+
+    def linears_delegated(self) -> bool:
+        """Every linear (and every torchao quant op of the 8-bit activations) runs inside an XNNPACK delegate."""
+        return all(self.delegation.count(op)[1] == 0 for op in LINEAR_OPS + QUANT_OPS)
+
+
+def _load(checkpoint):
+    from paretoq_export.checkpoint import QuantizedCheckpoint
+
+    if isinstance(checkpoint, QuantizedCheckpoint):
+        return checkpoint, None
+    return QuantizedCheckpoint.load(checkpoint), Path(checkpoint)
+
+
+def _check_options(ckpt, options: ExecuTorchOptions) -> None:
+    model_type = ckpt.config.get("model_type")
+    if model_type not in SUPPORTED_ARCHS:
+        archs = ckpt.config.get("architectures") or model_type
+        raise ExecuTorchExportError(f"architecture {archs!r} is not supported by the ExecuTorch exporter: supported "
+                                    f"are {', '.join(SUPPORTED_ARCHS.values())}")
+    if options.target not in TARGETS:
+        raise ExecuTorchExportError(f"unknown --target {options.target!r}: use one of {', '.join(TARGETS)}")
+    limit = _max_positions(ckpt)
+    if not 2 <= int(options.max_seq_len) <= limit:
+        raise ExecuTorchExportError(f"--max-seq-len {options.max_seq_len} is outside 2..{limit} (the model's "
+                                    "max_position_embeddings): choose a length in that range")
+    if options.embedding_bits is not None and options.embedding_bits not in EMBEDDING_BITS:
+        raise ExecuTorchExportError(f"--embedding-bits {options.embedding_bits} is not supported: use 4 or 8 "
+                                    "(or leave it out for a float32 table)")
+    if options.target == "arm64":
+        from torchao.quantization.quantize_.workflows.intx.intx_opaque_tensor import _is_kernel_library_loaded
+
+        if not _is_kernel_library_loaded():
+            raise ExecuTorchExportError(
+                "--target arm64 needs torchao's lowbit kernels (torch.ops.torchao._pack_8bit_act_*bit_weight), which "
+                "only Arm64 builds of torchao ship: run this export on an Arm64 machine, or use --target x86")
+
+
+def _max_positions(ckpt) -> int:
+    return int(ckpt.config.get("max_position_embeddings") or 1 << 20)
+
+
+def default_filename(ckpt, options: ExecuTorchOptions | None = None) -> str:
+    """<BaseName>-ParetoQ-<bits>bit-<target>.pte, e.g. SmolLM2-135M-Instruct-ParetoQ-2bit-xnnpack.pte."""
+    options = options or ExecuTorchOptions()
+    base = str(ckpt.recipe.get("base_model") or ckpt.config.get("_name_or_path") or "model").rstrip("/")
+    base = base.split("/")[-1] or "model"
+    bits = sorted({q.grid.bits for q in ckpt.quantized.values()})
+    tag = "ParetoQ-" + "-".join(f"{format_bits(b)}bit" for b in bits) if bits else "fp32"
+    kind = "xnnpack" if options.target == "x86" else "arm64-lowbit"
+    emb = f"-emb{options.embedding_bits}" if options.embedding_bits else ""
+    return f"{base}-{tag}{emb}-{kind}.pte"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def _tokenizer_file(ckpt) -> tuple[str, bytes] | None:
+    for name in TOKENIZER_FILES:
+        if name in ckpt.tokenizer_files:
+            return name, ckpt.tokenizer_files[name]
+    return None
+
+
+def _resolve_output(ckpt, ckpt_path: Path | None, output, options: ExecuTorchOptions) -> tuple[Path, Path | None]:
+    if output is None:
+        output = (ckpt_path.parent if ckpt_path is not None else Path.cwd()) / default_filename(ckpt, options)
+    output = Path(output)
+    if output.is_dir():
+        output = output / default_filename(ckpt, options)
+    if output.suffix != ".pte":
+        raise ExecuTorchExportError(f"output {output} does not end in .pte: name the file model.pte (or give a "
+                                    "directory)")
+    if output.exists() and not options.overwrite:
+        raise ExecuTorchExportError(f"output {output} exists: pass --overwrite or choose another -o")
+    tok = _tokenizer_file(ckpt) if options.write_tokenizer else None
+    tok_path = output.parent / tok[0] if tok else None
+    if tok_path is not None and tok_path.exists() and not options.overwrite and tok_path.read_bytes() != tok[1]:
+        raise ExecuTorchExportError(f"{tok_path} exists and holds another tokenizer: pass --overwrite or write the "
+                                    ".pte to another directory")
+    return output, tok_path
+
+
+def export_executorch(checkpoint, output: str | os.PathLike | None = None,
+                      options: ExecuTorchOptions | None = None) -> ExecuTorchExportResult:
+    """Write the checkpoint as an ExecuTorch .pte (atomically) and its tokenizer beside it.
+
+    ``output`` None or a directory: default file name there (next to a checkpoint given by path, else the
+    current directory). Every check that can fail runs before anything is written."""
+    from tqdm.auto import tqdm
+
+    options = options or ExecuTorchOptions()
+    t0 = time.perf_counter()
+    ckpt, ckpt_path = _load(checkpoint)
+    if options.max_seq_len is None:
+        options = dataclasses.replace(options, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, _max_positions(ckpt)))
+    _check_options(ckpt, options)
+    output, tok_path = _resolve_output(ckpt, ckpt_path, output, options)
+
+    disable = None if options.progress is None else not options.progress
+    stages = tqdm(total=4, desc="executorch", unit="stage", disable=disable)
+    try:
+        stages.set_postfix_str("quantized weights")
+        try:
+            model = build_eager_model(ckpt, options.target, options.embedding_bits, progress=options.progress)
+            weights = verify_eager_weights(model, ckpt)
+        except ContainerError as exc:
+            raise ExecuTorchExportError(str(exc)) from exc
+        if options.target == "arm64":
+            _pack_lowbit(model)
+        stages.update()
+        stages.set_postfix_str("torch.export")
+        tokenizer_eos = _generation_eos(ckpt)
+        meta = metadata(ckpt.config, int(options.max_seq_len), eos_ids(ckpt.config, tokenizer_eos))
+        program = export_program(model, int(options.max_seq_len))
+        del model
+        stages.update()
+        stages.set_postfix_str("XNNPACK lowering")
+        quantized_embedding = bool(options.embedding_bits) or "model.embed_tokens.weight" in ckpt.quantized
+        manager, delegation = lower_to_executorch(program, meta, quantized_embedding)
+        stages.update()
+        stages.set_postfix_str("write")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(output, manager.buffer)
+        if tok_path is not None:
+            _write_atomic(tok_path, _tokenizer_file(ckpt)[1])
+        stages.update()
+    finally:
+        stages.close()
+    if tok_path is None:
+        log.warning("the checkpoint has no tokenizer.json / tokenizer.model: none written beside %s", output)
+    result = ExecuTorchExportResult(output, output.stat().st_size, tok_path, options.target, int(options.max_seq_len),
+                                    delegation, weights, time.perf_counter() - t0, meta)
+    if options.target == "x86" and not result.linears_delegated():
+        log.warning("some linears were not delegated to XNNPACK: %s", {
+            op: delegation.count(op) for op in LINEAR_OPS + QUANT_OPS if delegation.count(op)[1]})
+    return result
+
+
+def _generation_eos(ckpt):
+    """EOS ids: the tokenizer's eos token where the config has none (GGUF-imported models)."""
+    if ckpt.config.get("eos_token_id") is not None:
+        return None
+    tok = ckpt.load_tokenizer()
+    return None if tok is None or tok.eos_token_id is None else [tok.eos_token_id]
+
+
+def _pack_lowbit(model) -> None:
+    """arm64: every IntxUnpackedToInt8Tensor linear weight -> torchao's packed lowbit layout (IntxOpaqueTensor),
+    which lowers to torchao::_linear_8bit_act_{1..4}bit_weight (Arm64 kernels)."""
+    from torch import nn
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+    from torchao.quantization.quantize_.workflows.intx.intx_opaque_tensor import IntxOpaqueTensor
+
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and isinstance(module.weight, IntxUnpackedToInt8Tensor):
+            packed = IntxOpaqueTensor.from_intx_unpacked_to_int8_tensor(module.weight, bias=module.bias)
+            module.weight = nn.Parameter(packed, requires_grad=False)
+            module.bias = None  # packed with the weight
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def reference_logits(ckpt, token_ids: Sequence[int]) -> np.ndarray:
+    """[T, V] float64 logits of the PyTorch reference (build_reference_model, float32, no cache)."""
+    import torch
+
+    model = ckpt.build_reference_model()
+    with torch.no_grad():
+        return model(torch.tensor([list(token_ids)], dtype=torch.long)).logits[0].double().numpy()
+
+
+def check_kv_decode(runner, token_ids: Sequence[int], prefill: int, new_tokens: int = 16) -> dict:
+    """KV-cached decode vs full recompute in the same runtime.
+
+    1. teacher-forced: prefill ``prefill`` tokens, then feed the rest one at a time through the cache; compare each
+       position's logits with one full-sequence prefill (max |diff|, argmax agreement).
+    2. greedy: generate ``new_tokens`` with the cache, then recompute prompt + generated without it (one prefill
+       from position 0): every generated token must be the recomputed argmax at its position."""
+    ids = [int(t) for t in token_ids]
+    full = runner.logits(ids)
+    stepped = np.concatenate([runner.forward(ids[:prefill], 0)] +
+                             [runner.forward([t], i) for i, t in enumerate(ids[prefill:], start=prefill)])
+    prompt = ids[:prefill]
+    generated = runner.generate(prompt, new_tokens)
+    recomputed = runner.logits(prompt + generated)
+    redo = recomputed[len(prompt) - 1:len(prompt) - 1 + len(generated)].argmax(axis=-1).tolist()
+    return {
+        "prefill": prefill,
+        "teacher_forced_positions": len(ids) - prefill,
+        "teacher_forced_max_abs_diff": float(np.abs(stepped[prefill:] - full[prefill:]).max()),
+        "teacher_forced_argmax_agreement": float((stepped.argmax(-1) == full.argmax(-1))[prefill:].mean()),
+        "greedy_tokens": generated,
+        "greedy_recomputed": redo,
+        "greedy_equal": generated == redo,
+    }
+
+
+def validate_executorch(pte_path: str | os.PathLike, checkpoint, token_ids: Sequence[int] | np.ndarray,
+                        threads: int = 2, margin: float | None = None, kv_prefill: int | None = None,
+                        json_path: str | os.PathLike | None = None) -> dict:
+    """The .pte's logits in the ExecuTorch runtime vs the PyTorch reference on ``token_ids`` (one sequence;
+    KL, top-1, PPL ratio via compare_logits), and KV-cached decode vs full recompute. Writes
+    ``<file>.validation.json`` and returns the result."""
+    from runtime_tests.executorch_runner import ExecuTorchRunner
+    from runtime_tests.metrics import compare_logits
+
+    ckpt, _ = _load(checkpoint)
+    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    runner = ExecuTorchRunner(pte_path, threads=threads)
+    if len(ids) >= runner.max_seq_len:
+        raise ExecuTorchExportError(f"{len(ids)} validation tokens do not fit max_seq_len {runner.max_seq_len}: "
+                                    "use fewer tokens or re-export with a larger --max-seq-len")
+    ref = reference_logits(ckpt, ids.tolist())
+    test = runner.logits(ids.tolist())
+    metrics = compare_logits(ref[:-1], test[:-1], ids[1:], margin=margin)
+    prefill = kv_prefill or max(1, len(ids) // 2)
+    kv = check_kv_decode(runner, ids.tolist(), prefill, new_tokens=min(16, runner.max_seq_len - prefill - 1))
+    result = {"pte": str(pte_path), "bytes": runner.nbytes, "tokens": int(len(ids)), "threads": threads,
+              "metadata": runner.metadata, "executorch_vs_reference": metrics, "kv_cache": kv}
+    json_path = Path(json_path) if json_path else Path(str(pte_path) + ".validation.json")
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    result["json"] = str(json_path)
+    return result

@@ -1,0 +1,171 @@
+"""torch.export with a KV cache of fixed length in the shape ExecuTorch's LLM runner expects, then XNNPACK lowering.
+
+The exported ``forward(tokens [1, T], input_pos [T]) -> logits [1, T, vocab]`` takes T from 1 (decode) to
+max_seq_len - 1 (prefill); input_pos holds the cache positions of the T tokens (the runner passes an arange when
+the method's input_pos has more than one element). The KV cache lives in mutable buffers inside the program,
+written and read by ExecuTorch's own LLM ops (llama::update_cache, llama::custom_sdpa, as its export_llama does);
+the .pte therefore needs those kernels at run time: ``import executorch.extension.llm.custom_ops.custom_ops``
+in Python, linked into ExecuTorch's LLM runner. Metadata methods get_max_seq_len,
+get_max_context_len, get_vocab_size, get_bos_id, get_eos_ids, use_kv_cache, enable_dynamic_shape are constant
+methods of the program, as the runner (extension/llm/runner) reads them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+# ops that carry a linear layer's work: none may stay outside the XNNPACK delegate
+LINEAR_OPS = ("aten_linear_default", "aten_mm_default", "aten_addmm_default")
+QUANT_OPS = ("torchao_choose_qparams_affine_default", "torchao_quantize_affine_default",
+             "torchao_dequantize_affine_default")
+
+
+ATTN_IMPL = "paretoq_executorch_kv"  # transformers attention implementation registered below
+
+
+def _custom_ops() -> None:
+    """Register llama::update_cache / llama::custom_sdpa (torch + ExecuTorch kernels) from executorch's wheel."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+
+
+def _kv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function over the module's own cache buffers: write this call's keys/values at
+    start_pos (llama::update_cache), then causal attention over positions 0 .. start_pos+T-1 (llama::custom_sdpa,
+    grouped-query heads included). One custom op each instead of index_put + repeat_kv + masked matmuls over the
+    whole cache: attention reads only the filled positions, and each decoder layer splits into ~1 XNNPACK delegate
+    instead of ~11 (transformers' StaticCache graph; SmolLM2 did not finish lowering in 10 minutes that way)."""
+    start_pos = kwargs["et_start_pos"]
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, T, heads, head_dim] as the ops take them
+    torch.ops.llama.update_cache(k, module.et_k_cache, start_pos)
+    torch.ops.llama.update_cache(v, module.et_v_cache, start_pos)
+    out = torch.ops.llama.custom_sdpa(q, module.et_k_cache, module.et_v_cache, start_pos, None, 0.0, True, scaling)
+    return out, None
+
+
+def _no_mask(*args, **kwargs):
+    return None  # custom_sdpa masks causally from start_pos
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    _custom_ops()
+    AttentionInterface.register(ATTN_IMPL, _kv_attention)
+    AttentionMaskInterface.register(ATTN_IMPL, _no_mask)
+
+
+class LLMForward(nn.Module):
+    """``forward(tokens, input_pos)`` over a transformers causal LM with a KV cache of max_seq_len positions held
+    in buffers of each attention module (ExecuTorch's custom-op layout [1, max_seq_len, kv_heads, head_dim])."""
+
+    def __init__(self, model: nn.Module, max_seq_len: int):
+        super().__init__()
+        _register_attention()
+        config = model.config
+        if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
+            raise ValueError("sliding-window attention is not supported by the ExecuTorch exporter: disable "
+                             "use_sliding_window in the config")
+        model.config._attn_implementation = ATTN_IMPL
+        n_kv = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for name in ("et_k_cache", "et_v_cache"):
+                attn.register_buffer(name, torch.zeros(1, max_seq_len, n_kv, head_dim), persistent=False)
+        self.model = model
+        self.max_seq_len = max_seq_len
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        start_pos = input_pos[0].item()
+        torch._check(start_pos >= 0)
+        torch._check(start_pos + tokens.shape[1] <= self.max_seq_len)
+        out = self.model(input_ids=tokens, position_ids=input_pos.unsqueeze(0), use_cache=False,
+                         et_start_pos=start_pos)
+        return out.logits
+
+
+def metadata(config: dict, max_seq_len: int, eos_ids: list[int]) -> dict:
+    """The constant methods ExecuTorch's LLM runner reads (extension/llm/runner/constants.h)."""
+    bos = config.get("bos_token_id")
+    return {
+        "get_max_seq_len": max_seq_len,
+        "get_max_context_len": max_seq_len,
+        "get_vocab_size": int(config["vocab_size"]),
+        "get_bos_id": int(bos) if bos is not None else -1,
+        "get_eos_ids": eos_ids,
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": False,
+        "enable_dynamic_shape": True,
+    }
+
+
+def eos_ids(config: dict, generation_eos=None) -> list[int]:
+    ids = generation_eos if generation_eos is not None else config.get("eos_token_id")
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    return [int(i) for i in ids]
+
+
+def export_program(model: nn.Module, max_seq_len: int) -> torch.export.ExportedProgram:
+    """torch.export (non-strict) of the KV-cache wrapper, dynamic in the number of tokens, in the XNNPACK-friendly
+    form of formats.executorch_graph."""
+    from formats.executorch_graph import views_with_inferred_dim, xnnpack_friendly
+
+    wrapper = LLMForward(model, max_seq_len).eval()
+    seq = torch.export.Dim("seq", min=1, max=max_seq_len - 1)
+    example = (torch.tensor([[1, 2]], dtype=torch.long), torch.arange(2, dtype=torch.long))
+    with torch.no_grad(), xnnpack_friendly(model):
+        program = torch.export.export(wrapper, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
+    return views_with_inferred_dim(program)
+
+
+@dataclass
+class Delegation:
+    """What the XNNPACK partitioner took: per-op counts inside and outside delegates."""
+
+    subgraphs: int
+    delegated_nodes: int
+    non_delegated_nodes: int
+    by_op: dict[str, tuple[int, int]] = field(default_factory=dict)  # op -> (delegated, not delegated)
+
+    def count(self, op: str) -> tuple[int, int]:
+        return self.by_op.get(op, (0, 0))
+
+    def to_json(self) -> dict:
+        return {"subgraphs": self.subgraphs, "delegated_nodes": self.delegated_nodes,
+                "non_delegated_nodes": self.non_delegated_nodes,
+                "by_op": {k: {"delegated": d, "not_delegated": n} for k, (d, n) in sorted(self.by_op.items())}}
+
+
+def delegation_of(edge_program) -> Delegation:
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    info = get_delegation_info(edge_program.exported_program().graph_module)
+    by_op = {op: (b.delegated, b.non_delegated) for op, b in info.delegation_by_operator.items()}
+    return Delegation(info.num_delegated_subgraphs, info.num_delegated_nodes, info.num_non_delegated_nodes, by_op)
+
+
+def lower_to_executorch(program: torch.export.ExportedProgram, constant_methods: dict,
+                        quantized_embedding: bool = False):
+    """XNNPACK-partitioned edge program -> (ExecutorchProgramManager, Delegation).
+
+    A quantized embedding table becomes quantized_decomposed::embedding_{4bit,byte} (executorch's quant fusion
+    pass), which runs from executorch's quantized kernels library, not XNNPACK."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+
+    edge = to_edge_transform_and_lower(
+        program, partitioner=[XnnpackPartitioner()], constant_methods=constant_methods,
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),  # torchao quant ops are not core ATen
+    )
+    if quantized_embedding:
+        import executorch.kernels.quantized  # noqa: F401  registers quantized_decomposed embedding ops
+        from executorch.exir.passes.quant_fusion_pass import quant_fusion_and_const_prop_pass
+
+        edge._edge_programs["forward"] = quant_fusion_and_const_prop_pass(edge.exported_program())
+    delegation = delegation_of(edge)  # after the fusion: the table's dequantize is part of the embedding op now
+    config = ExecutorchBackendConfig(extract_delegate_segments=True)
+    return edge.to_executorch(config), delegation

