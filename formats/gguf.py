@@ -53,9 +53,6 @@ _FILE_TYPES = {
 }
 # lossy types gguf-py can quantize floats into (embedding/output size options, --allow-lossy overrides)
 _LOSSY_OK = {T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.TQ1_0, T.TQ2_0}
-_KNOWN_LICENSES = {"huggingfacetb/smollm2": "apache-2.0", "qwen/qwen3": "apache-2.0", "qwen/qwen2.5-0.5b": "apache-2.0"}
-
-
 class GGUFExportError(ValueError):
     """A GGUF export the user can fix; the message is one line naming the problem and the fix."""
 
@@ -491,7 +488,9 @@ def _add_metadata(writer, ckpt, config, model_type, options, records, file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     license_ = options.license or ckpt.recipe.get("license")
     if not license_ and base_model:
-        license_ = next((v for k, v in _KNOWN_LICENSES.items() if base_model.lower().startswith(k)), None)
+        from paretoq_export.model_source import known_license
+
+        license_ = known_license(base_model)
     if license_:
         writer.add_license(license_)
     if base_model:

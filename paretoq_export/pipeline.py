@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from paretoq_export.checkpoint import CheckpointError, QuantizedCheckpoint
-from paretoq_export.model_source import load_model
+from paretoq_export.model_source import known_license, load_model
 from qat.data import DataConfig, build_data
 from qat.prepare import QATConfig, prepare
 
@@ -49,7 +49,7 @@ def quantize_rtn(
     out = _check_output(output, overwrite)
     source = load_model(model_spec, trust_remote_code=trust_remote_code)
     prepare(source.model, qat_config)
-    recipe = {"method": "rtn", "base_model": source.base_model, "source": source.description}
+    recipe = {"method": "rtn", **source_recipe(source)}
     ckpt = QuantizedCheckpoint.from_qat_model(source.model, source.tokenizer, recipe=recipe, float_dtype=float_dtype)
     return ckpt.save(out, overwrite=overwrite)
 
@@ -91,10 +91,10 @@ def run_qat(
     if _is_main_process():
         recipe = {
             "method": "qat",
-            "base_model": source.base_model,
-            "source": source.description,
+            **source_recipe(source),
             "data": asdict(data),
-            "train": {k: v for k, v in asdict(train_config).items() if _jsonable(v)},
+            "train": {k: v for k, v in asdict(train_config).items() if _jsonable(v)} | {"lr": result.lr},
+            "heldout_ppl": result.heldout_ppl[-1][1] if result.heldout_ppl else None,
             "train_tokens": int(result.steps) * train_config.batch_size * train_config.grad_accum
             * data.block_size * int(os.environ.get("WORLD_SIZE", "1")),
             "seconds": round(seconds, 1),
@@ -102,6 +102,16 @@ def run_qat(
         ckpt = QuantizedCheckpoint.from_qat_model(source.model, source.tokenizer, recipe=recipe, float_dtype=float_dtype)
         checkpoint = ckpt.save(out, overwrite=overwrite)
     return QATRun(checkpoint, result, seconds)
+
+
+def source_recipe(source) -> dict:
+    """What the model card and exporters say about the base model."""
+    out = {"base_model": source.base_model, "source": source.description}
+    if known_license(source.base_model):
+        out["license"] = known_license(source.base_model)
+    if source.note:
+        out["source_note"] = source.note
+    return out
 
 
 def _jsonable(value) -> bool:

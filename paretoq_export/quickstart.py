@@ -23,7 +23,7 @@ import torch
 
 from paretoq_export.checkpoint import QuantizedCheckpoint
 from paretoq_export.model_source import load_model
-from paretoq_export.pipeline import heldout_perplexity
+from paretoq_export.pipeline import source_recipe, heldout_perplexity
 from qat.data import DataConfig, build_data
 from qat.grids import format_bits, parse_bits
 from qat.prepare import QATConfig, prepare
@@ -110,9 +110,10 @@ def run_quickstart(config: QuickstartConfig | None = None, **overrides) -> int:
     result = train(model, train_blocks, eval_blocks, TrainConfig(
         steps=config.steps, batch_size=config.batch_size, lr=config.lr, warmup_steps=max(1, config.steps // 20),
         eval_every=0, eval_at_start=False, log_every=max(1, config.steps // 8), device="cpu"))
-    recipe = {"method": "qat", "base_model": source.base_model, "source": source.description, "quickstart": True,
-              "train": {"steps": result.steps, "batch_size": config.batch_size, "block_size": config.block_size,
-                        "lr": result.lr, "data": list(config.data)}}
+    recipe = {"method": "qat", **source_recipe(source), "quickstart": True,
+              "train": {"steps": result.steps, "batch_size": config.batch_size, "grad_accum": 1,
+                        "block_size": config.block_size, "lr": result.lr, "data": list(config.data)},
+              "train_tokens": result.steps * config.batch_size * config.block_size}
     ckpt_dir = QuantizedCheckpoint.from_qat_model(model, source.tokenizer, recipe=recipe).save(
         out / f"checkpoint-{format_bits(bits)}bit", overwrite=True)
     del model
