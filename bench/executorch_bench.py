@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['name']} vs PyTorch on {r['validation']['tokens']} held-out tokens: PPL {m['ppl_test']:.4g} vs "
                   f"{m['ppl_ref']:.4g} (ratio {m['ppl_ratio']:.4f}), mean KL {m['mean_kl']:.2e}, top-1 "
                   f"{m['top1_agreement']:.1%}; KV decode vs recompute max |diff| "
-                  f"{kv['teacher_forced_max_abs_diff']:.2e}, greedy equal {kv['greedy_equal']}")
+                  f"{kv['teacher_forced_max_abs_diff']:.2e}, greedy equal {kv['greedy_equal']}" +
+                  (f", decode path vs PyTorch PPL ratio {kv['decode_vs_reference']['ppl_ratio']:.4f}"
+                   if "decode_vs_reference" in kv else ""))
     out = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": description, "note": note, "bits": args.bits,

@@ -72,7 +72,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"ExecuTorch vs PyTorch on {report['tokens']} tokens: mean KL {m['mean_kl']:.2e}, top-1 "
           f"{m['top1_agreement']:.1%} (clear margin {m['top1_agreement_clear_margin']:.1%}), PPL {m['ppl_test']:.3f} "
           f"vs {m['ppl_ref']:.3f} (ratio {m['ppl_ratio']:.4f})")
-    print(f"KV cache: decode vs full recompute max |diff| {kv['teacher_forced_max_abs_diff']:.2e}, greedy tokens "
-          f"{'equal' if kv['greedy_equal'] else 'DIFFER'}")
+    line = (f"KV cache: decode vs full recompute max |diff| {kv['teacher_forced_max_abs_diff']:.2e}, greedy tokens "
+            f"{'equal' if kv['greedy_equal'] else 'differ'}")
+    if "decode_vs_reference" in kv:
+        d, p = kv["decode_vs_reference"], kv["prefill_vs_reference"]
+        line += (f"; vs PyTorch on the {kv['teacher_forced_positions']} decoded positions: decode KL {d['mean_kl']:.2e} "
+                 f"PPL ratio {d['ppl_ratio']:.4f}, prefill KL {p['mean_kl']:.2e} PPL ratio {p['ppl_ratio']:.4f}")
+    print(line)
     print(f"validation saved to {report['json']}")
     return 0

@@ -27,7 +27,8 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from formats.gguf_blocks import ENCODERS, NotExactError, dequantize_codes, encoder_for
+from formats.gguf_blocks import ENCODERS, dequantize_codes, encoder_for
+from paretoq_export.atomic import atomic_file
 from qat.grids import Grid, format_bits
 
 log = logging.getLogger(__name__)
@@ -362,10 +363,7 @@ def export_gguf(checkpoint, output: str | os.PathLike | None = None,
                                     None, None, "llama3 rope factors"))
 
     file_type = _file_type(records)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.partial-", dir=output.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(output) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         _add_metadata(writer, ckpt, config, model_type, options, records, file_type)
         _add_tokenizer(writer, ckpt, int(config["vocab_size"]))
@@ -378,10 +376,6 @@ def export_gguf(checkpoint, output: str | os.PathLike | None = None,
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)
         writer.close()
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     fallbacks = [f"{r.gguf_name}: {r.reason}" for r in records if r.fallback]
     reasons: dict[str, int] = {}
     for r in records:

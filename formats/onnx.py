@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ import onnx_ir as ir
 
 from formats.onnx_graph import MS_DOMAIN, DecoderGraph, DecoderSpec, GraphWriter, UnsupportedModelError, rotary_tables
 from formats.onnx_nbits import MIN_BLOCK, NBitsError, choose_block_size, choose_encoding, encode_weight
+from paretoq_export.atomic import atomic_dir
 from qat.grids import format_bits
 
 MODEL_FILE = "model.onnx"
@@ -250,16 +249,10 @@ def export_onnx(checkpoint, output: str | os.PathLike | None = None,
         raise OnnxExportError(str(exc)) from None
     model.metadata_props.update(_metadata(ckpt, options, linears.records))
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
+    with atomic_dir(output) as tmp:
         _write_folder(tmp, model, ckpt, spec, options)
         if options.check_runtime:
-            check_runtime(tmp / MODEL_FILE)
-        _move_into_place(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            check_runtime(tmp / MODEL_FILE)  # an op the installed runtime lacks: error, nothing left behind
     model_path = output / MODEL_FILE
     nbytes = model_path.stat().st_size + ((output / DATA_FILE).stat().st_size if (output / DATA_FILE).exists() else 0)
     return OnnxExportResult(output, model_path, nbytes, options.accuracy_level, time.perf_counter() - t0,
@@ -281,16 +274,6 @@ def _write_folder(folder: Path, model: ir.Model, ckpt, spec: DecoderSpec, option
     (folder / GENAI_CONFIG).write_text(json.dumps(genai_config(ckpt, spec), indent=2) + "\n")
     for name, data in ckpt.tokenizer_files.items():
         (folder / name).write_bytes(data)
-
-
-def _move_into_place(tmp: Path, output: Path) -> None:
-    if output.exists():
-        trash = output.parent / f".{output.name}.old-{os.getpid()}"
-        output.rename(trash)
-        tmp.rename(output)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(output)
 
 
 def check_runtime(model_path: str | os.PathLike) -> None:

