@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill", type=float, default=0.0, metavar="W",
                    help="knowledge distillation from the float model: loss = (1-W)*CE + W*KL (0 = off)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp"),
+                   help="under torchrun: DistributedDataParallel, or FSDP2 fully_shard (each rank holds its rows of "
+                        "every weight and alpha; sharded resumable state)")
+    p.add_argument("--fused", dest="fused", action="store_true", default=None,
+                   help="one-pass fake-quant kernels (Triton on CUDA, torch.compile elsewhere); default on for CUDA")
+    p.add_argument("--no-fused", dest="fused", action="store_false", help="the reference (unfused) fake-quant")
     p.add_argument("--state-dir", default=None, help="where training state is checkpointed (default: OUTPUT.train)")
     p.add_argument("--save-every", type=int, default=0, help="save resumable training state every N steps")
     p.add_argument("--resume", action="store_true", help="continue from --state-dir")
@@ -179,6 +185,7 @@ def _run(args) -> int:
             warmup_steps=args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20),
             eval_every=args.eval_every, eval_batches=args.eval_batches, seed=args.seed,
             gradient_checkpointing=args.gradient_checkpointing, distill_weight=args.distill,
+            parallel=args.parallel, fused=args.fused,
             output_dir=state_dir, save_every=args.save_every, resume=args.resume,
         )
         run = run_qat(args.model, _qat_config(args), _data_spec(args), train_config, args.output, args.overwrite,

@@ -6,8 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qat.fused import fused_fake_quantize
 from qat.grids import Grid, grid_for_bits
 from qat.quantizers import fake_quantize, init_alpha
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear(x, w) runs in: the autocast dtype when autocast is on for x's device, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class QuantLinear(nn.Linear):
@@ -15,7 +23,13 @@ class QuantLinear(nn.Linear):
 
     The latent weight stays in its own dtype (fp32 master weights for AdamW); the quantized weight is cast to the
     input dtype, so the matmul runs in bf16 under CUDA autocast. Unlike the reference, the bias is kept.
+
+    ``fused`` (set by the trainer from TrainConfig.fused, or ``qat.fused.set_fused``) selects the compiled one-pass
+    fake-quant of ``qat.fused``, which writes the quantized weight directly in the matmul's dtype; False (the
+    default) runs the reference autograd function.
     """
+
+    fused: bool = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: float | str, **factory) -> None:
         super().__init__(in_features, out_features, bias=bias, **factory)
@@ -41,6 +55,9 @@ class QuantLinear(nn.Linear):
         return fake_quantize(self.weight, self.alpha, self.grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return F.linear(x, fused_fake_quantize(self.weight, self.alpha, self.grid,
+                                                   _matmul_dtype(x)), self.bias)
         w = self.quantized_weight()
         if not torch.is_autocast_enabled(x.device.type):
             w = w.to(x.dtype)
@@ -52,6 +69,8 @@ class QuantLinear(nn.Linear):
 
 class QuantEmbedding(nn.Embedding):
     """nn.Embedding with a 4- or 8-bit LSQ grid per token row (a size option; ParetoQ keeps embeddings float)."""
+
+    fused: bool = False  # as QuantLinear.fused (the lookup itself does not autocast: the table keeps its dtype)
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, bits: float | str) -> "QuantEmbedding":
@@ -76,7 +95,9 @@ class QuantEmbedding(nn.Embedding):
         return fake_quantize(self.weight, self.alpha, self.grid)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.quantized_weight(), self.padding_idx, self.max_norm, self.norm_type,
+        weight = (fused_fake_quantize(self.weight, self.alpha, self.grid) if self.fused
+                  else self.quantized_weight())
+        return F.embedding(ids, weight, self.padding_idx, self.max_norm, self.norm_type,
                            self.scale_grad_by_freq, self.sparse)
 
     def extra_repr(self) -> str:

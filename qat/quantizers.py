@@ -27,8 +27,8 @@ SEQ_CLIP = 1.0 - 1e-2
 
 
 def _clamped_alpha(alpha: torch.Tensor) -> torch.Tensor:
-    eps = torch.tensor(ALPHA_EPS, device=alpha.device, dtype=alpha.dtype)
-    return torch.where(alpha > eps, alpha, eps)
+    # a Python scalar, not torch.tensor(eps, device=...): that host-to-device copy synchronised CUDA on every call
+    return torch.where(alpha > ALPHA_EPS, alpha, ALPHA_EPS)
 
 
 def _level_index(x: torch.Tensor, grid: Grid) -> torch.Tensor:

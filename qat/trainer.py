@@ -3,13 +3,18 @@
 Recipe (ParetoQ paper): AdamW over the latent weights and the per-row ``alpha`` steps in one group, weight decay 0,
 cosine decay to 0 after an optional linear warm-up, lr 2e-5 for <= 2-bit and 1e-5 for 3/4-bit.
 
-Runs on one device, or on several under ``torchrun`` (``WORLD_SIZE`` > 1): DistributedDataParallel, each rank
-taking its own slice of every global batch, only rank 0 writing files and showing progress. The global batch is
+Runs on one device, or on several under ``torchrun`` (``WORLD_SIZE`` > 1) with ``parallel="ddp"``
+(DistributedDataParallel) or ``parallel="fsdp"`` (FSDP2 fully_shard, see qat/distributed.py), each rank taking its
+own slice of every global batch, only rank 0 writing files and showing progress. The global batch is
 ``batch_size * grad_accum * world_size`` blocks and the data order depends only on the seed, so 1 process x 2
 blocks, 1 x 1 with grad_accum 2 and 2 processes x 1 block all see the same blocks at every step.
 
 Checkpoints (``output_dir/trainer_state.pt``) hold the model (alphas included), optimizer, scheduler, step and RNG
-states; ``resume=True`` continues from one exactly (bit for bit on CPU).
+states; ``resume=True`` continues from one exactly (bit for bit on CPU). Under FSDP the model and optimizer go to
+a sharded torch.distributed.checkpoint directory that trainer_state.pt names.
+
+The fake-quant runs fused (qat/fused.py: Triton kernels on CUDA, torch.compile elsewhere) when ``fused`` is on: by
+default on CUDA, not on CPU.
 """
 
 from __future__ import annotations
@@ -31,11 +36,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from qat import distributed as fsdp
+from qat.fused import fused_default, restore_fused, set_fused
 from qat.grids import WEIGHT_BITS
 from qat.modules import QuantLinear
 
 STATE_FILE = "trainer_state.pt"
-PARALLEL_MODES = ("ddp",)  # "fsdp2" is meant to slot in next to it (see _wrap_model)
+PARALLEL_MODES = ("ddp", "fsdp")  # fsdp: FSDP2 (torch.distributed.fsdp.fully_shard)
 
 
 @dataclass
@@ -61,7 +68,8 @@ class TrainConfig:
     output_dir: str | None = None  # where trainer_state.pt is written (rank 0 only)
     resume: bool = False  # continue from output_dir/trainer_state.pt when it exists
     stop_after: int | None = None  # stop (and checkpoint) at this step: split a run over jobs with a time limit
-    parallel: str = "ddp"  # multi-process strategy under torchrun
+    parallel: str = "ddp"  # multi-process strategy under torchrun: "ddp" or "fsdp" (FSDP2)
+    fused: bool | None = None  # one-pass fake-quant kernels (qat/fused.py); None: on for CUDA, off on CPU
     device: str | None = None  # None: cuda:LOCAL_RANK when CUDA is available, else cpu
     progress: bool = True  # tqdm bar (rank 0 only)
 
@@ -74,7 +82,8 @@ class TrainConfig:
         if self.distill_temperature <= 0:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         if self.parallel not in PARALLEL_MODES:
-            raise ValueError(f"parallel={self.parallel!r} is not implemented: choose from {', '.join(PARALLEL_MODES)}")
+            raise ValueError(f"parallel={self.parallel!r} is not implemented: choose from {', '.join(PARALLEL_MODES)} "
+                             "(fsdp is FSDP2)")
         if (self.save_every or self.resume or self.stop_after) and not self.output_dir:
             raise ValueError("save_every / resume / stop_after need output_dir (where trainer_state.pt lives)")
 
@@ -127,11 +136,13 @@ class _Dist:
         return self.rank == 0
 
 
-def _init_distributed() -> _Dist:
-    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
+def _init_distributed(config: TrainConfig) -> _Dist:
+    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU), or under torchrun with one
+    process when parallel="fsdp" (a 1-GPU FSDP run exercises the sharded path and its checkpoints)."""
     if dist.is_available() and dist.is_initialized():  # the caller set it up: use it, leave it
         return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    under_torchrun = "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not (config.parallel == "fsdp" and under_torchrun):
         return _Dist()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -157,6 +168,8 @@ def _wrap_model(module: nn.Module, config: TrainConfig, ctx: _Dist, device: torc
         return module
     if config.parallel == "ddp":
         return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.parallel == "fsdp":
+        return module  # sharded before the optimizer was built (fsdp.shard_model): already the runner
     raise NotImplementedError(config.parallel)
 
 
@@ -224,12 +237,20 @@ def evaluate_perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int,
     was_training = module.training
     module.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # (nll, tokens)
-    for start in range(rank * batch_size, n, world * batch_size):
-        ids = blocks[start:min(start + batch_size, n)].to(device)
+    # FSDP ranks must run the same number of forwards (each all-gathers weights): the ranks that run out of
+    # blocks first run a discarded forward on the first block
+    lockstep = fsdp.is_fsdp(module) and world > 1
+    for first in range(0, n, world * batch_size):
+        start = first + rank * batch_size
+        if start >= n and not lockstep:
+            break
+        ids = blocks[start:min(start + batch_size, n)] if start < n else blocks[:1]
+        ids = ids.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
             logits = module(input_ids=ids, use_cache=False).logits
-        sums[0] += lm_loss(logits, ids, reduction="sum").double()
-        sums[1] += ids[:, 1:].numel()
+        if start < n:
+            sums[0] += lm_loss(logits, ids, reduction="sum").double()
+            sums[1] += ids[:, 1:].numel()
     if world > 1:
         dist.all_reduce(sums)
     module.train(was_training)
@@ -272,7 +293,11 @@ def save_state(path: Path, state: dict) -> None:
 _DATA_FIELDS = ("batch_size", "grad_accum", "seed")
 
 
-def _check_resumable(saved: dict, config: TrainConfig, world: int) -> None:
+def _check_resumable(saved: dict, config: TrainConfig, world: int, sharded: bool) -> None:
+    if sharded != ("dcp" in saved):
+        kinds = {True: "parallel='fsdp' under torchrun", False: "one process or parallel='ddp'"}
+        raise ValueError(f"the checkpoint was written by a run with {kinds['dcp' in saved]}, this run uses "
+                         f"{kinds[sharded]}: resume with the same setting or use a new output_dir")
     old = saved["config"]
     changed = [f"{k}: {old[k]} -> {getattr(config, k)}" for k in _DATA_FIELDS if old[k] != getattr(config, k)]
     if saved["world_size"] * old["batch_size"] != world * config.batch_size:
@@ -308,7 +333,7 @@ def train(model: nn.Module, train_blocks: torch.Tensor, heldout_blocks: torch.Te
     Under torchrun every rank calls this with the same arguments.
     """
     config = config or TrainConfig()
-    ctx = _init_distributed()
+    ctx = _init_distributed(config)
     try:
         return _train(model, train_blocks, heldout_blocks, config, teacher, ctx)
     finally:
@@ -341,13 +366,21 @@ def _train(model: nn.Module, train_blocks: torch.Tensor, heldout_blocks: torch.T
 
     # --- model, teacher, optimizer, schedule
     was_training = model.training
-    model.to(device)  # .to() moves shared Parameters once: tied embeddings stay tied
+    # FSDP: train a sharded copy (fsdp.shard_model) and gather the result back into `model` at the end
+    sharded = config.parallel == "fsdp" and dist.is_available() and dist.is_initialized()
+    if config.parallel == "fsdp" and not sharded:
+        say("note: parallel='fsdp' outside torchrun: training in this one process, unsharded")
+    if not sharded:
+        model.to(device)  # .to() moves shared Parameters once: tied embeddings stay tied
     if any(p.dtype != torch.float32 for p in model.parameters() if p.requires_grad):
         say("note: casting the model to float32 master weights (bf16 is used through autocast on CUDA)")
         model.float()
-    params = [p for p in model.parameters() if p.requires_grad]  # weights and alphas; ties deduplicated
     if config.gradient_checkpointing:
         _set_activation_checkpointing(model, True)
+    fused = fused_default(device) if config.fused is None else config.fused
+    fused_before = set_fused(model, fused)
+    trained = fsdp.shard_model(model, device) if sharded else model  # the module whose parameters AdamW steps
+    params = [p for p in trained.parameters() if p.requires_grad]  # weights and alphas; ties deduplicated
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
 
@@ -363,9 +396,12 @@ def _train(model: nn.Module, train_blocks: torch.Tensor, heldout_blocks: torch.T
     if config.resume and state_path.is_file():
         # our own file, holding RNG states and numpy arrays besides tensors: not a weights-only load
         saved = torch.load(state_path, map_location="cpu", weights_only=False)
-        _check_resumable(saved, config, ctx.world)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        _check_resumable(saved, config, ctx.world, sharded)
+        if sharded:
+            fsdp.load_sharded(state_path.parent / saved["dcp"], trained, optimizer)
+        else:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         step, heldout_ppl, loss_history = saved["step"], saved["heldout_ppl"], saved["loss_history"]
         _set_rng_state(saved["rng"])
@@ -374,22 +410,30 @@ def _train(model: nn.Module, train_blocks: torch.Tensor, heldout_blocks: torch.T
         say(f"no {state_path} yet: starting from step 0")
 
     def checkpoint() -> None:
+        if sharded:
+            # every rank writes its shards first; trainer_state.pt, written last and atomically, makes them current
+            weights = {"dcp": f"{fsdp.DCP_DIR}/step_{step:07d}"}
+            fsdp.save_sharded(state_path.parent / weights["dcp"], trained, optimizer)
+            dist.barrier()
+        else:
+            weights = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
         if ctx.main:
             save_state(state_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "rng": _rng_state(),
+                **weights, "scheduler": scheduler.state_dict(), "step": step, "rng": _rng_state(),
                 "config": asdict(config), "world_size": ctx.world,
                 "heldout_ppl": heldout_ppl, "loss_history": loss_history,
             })
+            if sharded:
+                fsdp.remove_older(state_path.parent, keep=weights["dcp"])
         if ctx.world > 1:
             dist.barrier()  # nobody reads or overwrites the file while rank 0 writes it
 
     def evaluate() -> None:
-        ppl = evaluate_perplexity(model, heldout_blocks, config.batch_size, config.eval_batches, bf16=use_bf16)
+        ppl = evaluate_perplexity(trained, heldout_blocks, config.batch_size, config.eval_batches, bf16=use_bf16)
         heldout_ppl.append((step, ppl))
         say(f"step {step}: held-out perplexity {ppl:.3f}")
 
-    runner = _wrap_model(model, config, ctx, device)
+    runner = _wrap_model(trained, config, ctx, device)
     order = BlockOrder(len(train_blocks), config.seed)
     block_size = train_blocks.shape[1]
     tokens_per_step = config.batch_size * config.grad_accum * ctx.world * block_size
@@ -401,7 +445,7 @@ def _train(model: nn.Module, train_blocks: torch.Tensor, heldout_blocks: torch.T
         evaluate()
 
     # --- the loop: one iteration per optimizer step
-    model.train()
+    trained.train()
     bar = tqdm(total=config.steps, initial=step, desc="qat", unit="step", dynamic_ncols=True,
                disable=not (ctx.main and config.progress))
     window: list[float] = []
@@ -411,9 +455,13 @@ def _train(model: nn.Module, train_blocks: torch.Tensor, heldout_blocks: torch.T
         step_loss = 0.0
         for micro in range(config.grad_accum):
             ids = _micro_batch(train_blocks, order, step, micro, config, ctx).to(device)
-            # DDP all-reduces gradients on every backward; only the last micro-batch's needs to
+            # DDP all-reduces (FSDP reduce-scatters) gradients on every backward; only the last micro-batch's needs to
             sync = micro == config.grad_accum - 1 or ctx.world == 1
-            with (nullcontext() if sync else runner.no_sync()), autocast():
+            if sharded:
+                no_sync = fsdp.skip_gradient_sync(runner, skip=not sync)
+            else:
+                no_sync = nullcontext() if sync else runner.no_sync()
+            with no_sync, autocast():
                 logits = runner(input_ids=ids, use_cache=False).logits
                 loss = lm_loss(logits, ids)
                 if teacher is not None:
@@ -424,7 +472,9 @@ def _train(model: nn.Module, train_blocks: torch.Tensor, heldout_blocks: torch.T
                 (loss / config.grad_accum).backward()
             step_loss += loss.item() / config.grad_accum
         if config.max_grad_norm:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()
+            grad_norm = fsdp.scalar(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+        elif sharded:  # the norm of DTensor shards needs the collective that get_total_norm does
+            grad_norm = fsdp.scalar(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
         else:
             grad_norm = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in params if p.grad is not None))
         current_lr = scheduler.get_last_lr()[0]
@@ -453,8 +503,13 @@ def _train(model: nn.Module, train_blocks: torch.Tensor, heldout_blocks: torch.T
             checkpoint()
     bar.close()
 
+    if sharded:
+        optimizer.state.clear()  # free the AdamW moments before the full weights are gathered
+        model.to(device)
+        fsdp.gather_into(trained, model)  # every rank's `model` ends with the full trained weights, as under DDP
     if config.gradient_checkpointing:
         _set_activation_checkpointing(model, False)
+    restore_fused(fused_before)
     model.train(was_training)
     final_loss = loss_history[-1][1] if loss_history else float("nan")
     return TrainResult(steps=step, final_loss=final_loss, heldout_ppl=list(heldout_ppl),
