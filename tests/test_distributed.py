@@ -148,6 +148,21 @@ def test_fsdp_canonical_checkpoint_equals_one_process(fsdp_run):
             torch.testing.assert_close(ckpt.tensors[key], tensor, rtol=1e-3, atol=1e-5)
 
 
+def test_fsdp_checkpoint_exports_to_gguf(fsdp_run, tmp_path):
+    """FSDP shards -> one-process model -> canonical checkpoint -> GGUF, read back bit-exact."""
+    from tiny_models import tiny_tokenizer
+
+    from formats.gguf import GGUFOptions, export_gguf, verify_gguf_readback
+
+    tmp, _, _ = fsdp_run
+    model = _model(seed=7)
+    load_trained_weights(model, tmp / "straight")
+    ckpt_dir = QuantizedCheckpoint.from_qat_model(model, tiny_tokenizer()).save(tmp_path / "ckpt")
+    result = export_gguf(ckpt_dir, tmp_path / "fsdp.gguf", GGUFOptions(progress=False))
+    report = verify_gguf_readback(result.path, QuantizedCheckpoint.load(ckpt_dir))
+    assert report["bit_exact"] and report["exact"] == report["tensors"] > 0, report
+
+
 def test_load_trained_weights_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no trainer_state.pt"):
         load_trained_weights(_model(), tmp_path)
