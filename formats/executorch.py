@@ -45,7 +45,8 @@ class ExecuTorchExportError(ValueError):
 
 @dataclass
 class ExecuTorchOptions:
-    # "x86": every grid in int4 (XNNPACK 8da4w), runs anywhere. "arm64": true 1/1.58/2/3-bit weights through
+    # "x86": every grid in int4 (XNNPACK 8da4w), runs anywhere; XNNPACK stores int4 per-row scales as bf16.
+    # "x86-int8": the same integers in int8 (XNNPACK 8da8w, fp32 scales): bit-exact, 2x the linear bytes. "arm64": true 1/1.58/2/3-bit weights through
     # torchao's lowbit kernels; the export needs torchao with those kernels (Arm64 wheels) and the .pte runs only
     # on ExecuTorch built with them (EXECUTORCH_BUILD_KERNELS_TORCHAO=ON), never on x86.
     target: str = "x86"
@@ -116,7 +117,7 @@ def default_filename(ckpt, options: ExecuTorchOptions | None = None) -> str:
     base = base.split("/")[-1] or "model"
     bits = sorted({q.grid.bits for q in ckpt.quantized.values()})
     tag = "ParetoQ-" + "-".join(f"{format_bits(b)}bit" for b in bits) if bits else "fp32"
-    kind = "xnnpack" if options.target == "x86" else "arm64-lowbit"
+    kind = {"x86": "xnnpack", "x86-int8": "xnnpack-int8"}.get(options.target, "arm64-lowbit")
     emb = f"-emb{options.embedding_bits}" if options.embedding_bits else ""
     return f"{base}-{tag}{emb}-{kind}.pte"
 
@@ -197,7 +198,7 @@ def export_executorch(checkpoint, output: str | os.PathLike | None = None,
         log.warning("the checkpoint has no tokenizer.json / tokenizer.model: none written beside %s", output)
     result = ExecuTorchExportResult(output, output.stat().st_size, tok_path, options.target, int(options.max_seq_len),
                                     delegation, weights, time.perf_counter() - t0, meta)
-    if options.target == "x86" and not result.linears_delegated():
+    if options.target != "arm64" and not result.linears_delegated():
         log.warning("some linears were not delegated to XNNPACK: %s", {
             op: delegation.count(op) for op in LINEAR_OPS + QUANT_OPS if delegation.count(op)[1]})
     return result

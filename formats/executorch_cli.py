@@ -16,9 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", default=None,
                         help="output .pte file or directory (default: a name from the model and bits next to the "
                              "checkpoint); the tokenizer file is written beside it")
-    parser.add_argument("--target", default="x86", choices=("x86", "arm64"),
-                        help="x86 (default): every grid exactly in int4, XNNPACK 8da4w kernels, runs on any CPU. "
-                             "arm64: true 1-3 bit weights for torchao's lowbit kernels -- the export needs an Arm64 "
+    parser.add_argument("--target", default="x86", choices=("x86", "x86-int8", "arm64"),
+                        help="x86 (default): every grid's codes exactly in int4, XNNPACK 8da4w kernels, runs on any "
+                             "CPU; XNNPACK stores int4 per-row scales as bf16 (<= 2^-9 relative). x86-int8: the same "
+                             "integers in int8 with fp32 scales (8da8w): bit-exact, twice the linear bytes. arm64: true 1-3 bit weights for torchao's lowbit kernels -- the export needs an Arm64 "
                              "torchao and the .pte runs only on Arm64 ExecuTorch builds with those kernels")
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="KV cache length, prompt + generated tokens (default 1024, capped at the model's "
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"weights: {result.weights['exact']}/{result.weights['tensors']} quantized tensors equal the checkpoint; "
           f"XNNPACK: {d.subgraphs} delegates, linears delegated: {'all' if result.linears_delegated() else 'NOT all'}")
 
-    if args.target != "x86":
+    if args.target == "arm64":
         if args.validate:
             print("validation skipped: an arm64 .pte runs only on Arm64 ExecuTorch builds", file=sys.stderr)
         return 0

@@ -5,6 +5,9 @@ Every ParetoQ grid is w = s * (q - z) per row (DESIGN.md section 2). torchao's t
 integers ``k * (q - z)`` and step ``s / k`` with k = 2 where z is a half-integer (binary, 2-bit SEQ):
 
     target x86 (XNNPACK runs linears only at 4 or 8 bits): every weight grid in int4, zero point 0
+    (XNNPACK's int4 path -- qb4w -- stores the per-row scale as bf16: codes exact, each row's step rounded to 8
+    mantissa bits, at most 2^-9 relative; target x86-int8 puts the same integers in int8, where XNNPACK keeps fp32
+    per-channel scales: bit-exact, twice the linear bytes)
         binary  {0,1}    -> {-1, +1}            step s/2      ternary {0,1,2} -> {-1, 0, 1}     step s
         seq2    {0..3}   -> {-3, -1, +1, +3}    step s/2      lsq3    {0..7}  -> {-4..3}        step s
         lsq4    {0..15}  -> {-8..7}             step s        lsq8 (embedding / lm_head) -> int8
@@ -25,7 +28,7 @@ from torch import nn
 
 from qat.grids import Grid
 
-TARGETS = ("x86", "arm64")
+TARGETS = ("x86", "x86-int8", "arm64")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ _X86 = {
     "binary": Container(torch.int4, 2), "ternary": Container(torch.int4, 1), "seq2": Container(torch.int4, 2),
     "lsq3": Container(torch.int4, 1), "lsq4": Container(torch.int4, 1), "lsq8": Container(torch.int8, 1),
 }
+_X86_INT8 = {name: Container(torch.int8, c.mult) for name, c in _X86.items()}
 # True bit widths; binary and 2-bit SEQ levels are half-integers, so they shift by -0.5 into a float zero point.
 _ARM64 = {
     "binary": Container(torch.int1, 1, -0.5), "ternary": Container(torch.int2, 1), "seq2": Container(torch.int2, 1, -0.5),
@@ -58,7 +62,7 @@ class ContainerError(ValueError):
 
 
 def container_for(grid: Grid, target: str = "x86") -> Container:
-    table = {"x86": _X86, "arm64": _ARM64}.get(target)
+    table = {"x86": _X86, "x86-int8": _X86_INT8, "arm64": _ARM64}.get(target)
     if table is None:
         raise ContainerError(f"unknown --target {target!r}: use one of {', '.join(TARGETS)}")
     if grid.name not in table:
@@ -140,6 +144,7 @@ def build_eager_model(ckpt, target: str = "x86", embedding_bits: int | None = No
         module = model.get_submodule(key.removesuffix(".weight"))
         is_linear = isinstance(module, nn.Linear)
         _set_weight(module, intx_weight(q.codes, q.scale, q.grid, target if is_linear else "x86", is_linear))
+        # (embedding tables: lsq8/lsq4 lookups, the same container for every target)
         if key == EMBED_KEY:
             # padding_idx only shapes gradients, but it is an argument of aten.embedding that executorch's
             # quantized-embedding fusion pattern (embedding(dequantize_affine(...), ids)) does not have

@@ -50,7 +50,7 @@ def _check_close(metrics: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ containers
-@pytest.mark.parametrize("target", ["x86", "arm64"])
+@pytest.mark.parametrize("target", ["x86", "x86-int8", "arm64"])
 @pytest.mark.parametrize("grid_name", sorted(GRIDS))
 def test_container_dequantizes_exactly(grid_name, target):
     grid = GRIDS[grid_name]
@@ -67,6 +67,8 @@ def test_container_dequantizes_exactly(grid_name, target):
     assert lo <= int(weight.qdata.min()) and int(weight.qdata.max()) <= hi
     if target == "x86":  # XNNPACK runs 4 and 8 bits only
         assert c.bits == (8 if grid_name == "lsq8" else 4)
+    elif target == "x86-int8":
+        assert c.bits == 8
     else:  # the true bit width
         assert c.bits == {"binary": 1, "ternary": 2, "seq2": 2, "lsq3": 3, "lsq4": 4, "lsq8": 8}[grid_name]
 
@@ -139,6 +141,24 @@ def test_tiny_mixed_bits_runs_in_executorch(arch, mixed_pte):
     ckpt, result = mixed_pte(arch)
     assert sorted({q.grid.bits for q in ckpt.quantized.values()}) == sorted(BITS)  # all five grids in this file
     check_tiny_pte(ckpt, result, f"{arch} mixed 1/1.58/2/3/4-bit")
+
+
+def test_int8_container_is_bit_exact(tmp_path, mixed_pte):
+    """XNNPACK's int4 path stores per-row scales as bf16 (codes exact, steps rounded); --target x86-int8 keeps
+    fp32 per-channel scales: every linear read back from the .pte equals the checkpoint bit for bit."""
+    from paretoq_export.validate import _executorch_readback
+
+    ckpt, int4 = mixed_pte("llama")
+    report4 = _executorch_readback(int4.path, ckpt)
+    assert report4["checked"] == 8 and report4["mismatches"] and "bf16" in report4["note"], report4
+    result = E.export_executorch(ckpt, tmp_path / "m8.pte", E.ExecuTorchOptions(max_seq_len=128, target="x86-int8",
+                                                                                  progress=False))
+    assert result.linears_delegated(), result.delegation.to_json()
+    report8 = _executorch_readback(result.path, ckpt)
+    assert report8["exact"] == report8["checked"] == 8 and report8["mismatches"] == [], report8
+    assert result.nbytes > int4.nbytes  # int8 codes: twice the linear bytes
+    m = E.validate_executorch(result.path, ckpt, _ids(48))["executorch_vs_reference"]
+    _check_close(m)
 
 
 def test_fp32_checkpoint_and_size(tmp_path, mixed_pte):
