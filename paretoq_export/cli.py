@@ -129,13 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
 
     for name, (module_name, help_text) in MODULE_COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue  # TODO(before landing): every module exists; drop this tolerance
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        importlib.import_module(module_name).add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
