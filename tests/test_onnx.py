@@ -219,6 +219,14 @@ def test_graph_interface_and_folder(tmp_path):
     assert not (result.path / "model.onnx.data").exists()  # small models: one file
 
 
+@pytest.mark.parametrize("pp", [1, 4, 32])
+def test_runner_bench_any_prompt_length(tmp_path, pp):
+    """bench() warms up with a prefill and a cached step whatever the prompt length (pp <= 16 included)."""
+    runner = OnnxRuntimeRunner(_export(tiny_checkpoint("llama", 2), tmp_path / "m").path)
+    result = runner.bench(pp=pp, tg=3, repeats=1)
+    assert result["pp"] == pp and result["pp_tps"] > 0 and result["tg_tps"] > 0
+
+
 def test_batch_with_padding_and_incremental_decode(tmp_path):
     """A left-padded row in a batch gives the same logits as the sequence alone; prefill + one-token steps with the
     cache give the full-sequence logits."""
