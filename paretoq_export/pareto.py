@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -458,7 +459,9 @@ def plot_pareto(cells: list[dict], out_dir: Path, title: str = "") -> list[Path]
         ax.set_yscale("log")
         plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 20, 30, 40 rather than 2x10^1
         ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+        # minor labels (20, 30, ...) help on a short axis and collide on one spanning decades
+        span = math.log10(max(ys) / min(ys)) if min(ys) > 0 else 0.0
+        ax.yaxis.set_minor_formatter(plain if span < 1.3 else matplotlib.ticker.NullFormatter())
         ax.set_xlabel(xlabel)
         ax.set_ylabel("held-out perplexity (log)")
         if title:
