@@ -10,6 +10,8 @@ import argparse
 import logging
 import sys
 
+from formats.gguf_cli import add_validation_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="paretoq checkpoint directory (from `quantize`, `qat` or `import`)")
@@ -26,14 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "max_position_embeddings)")
     parser.add_argument("--embedding-bits", type=int, default=None, choices=(4, 8),
                         help="store the token embedding table with 4 or 8-bit per-row steps (lossy; default float32)")
-    parser.add_argument("--validate", dest="validate", action="store_true", default=None,
-                        help="check ExecuTorch vs PyTorch logits and KV-cached decode (default: on below 1B params)")
-    parser.add_argument("--no-validate", dest="validate", action="store_false")
-    parser.add_argument("--threads", type=int, default=2, help="ExecuTorch threads for validation")
-    parser.add_argument("--text", default=None,
-                        help="text file for validation (default: the held-out Wikipedia documents, else a built-in "
-                             "paragraph)")
-    parser.add_argument("--validate-tokens", type=int, default=512, help="tokens of --text to evaluate")
+    add_validation_arguments(parser, "ExecuTorch vs PyTorch logits and KV-cached decode", "ExecuTorch")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 

@@ -29,13 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or --allow-lossy; repeatable")
     parser.add_argument("--allow-lossy", action="store_true",
                         help="accept --tensor-type overrides that cannot hold the grid exactly")
-    parser.add_argument("--validate", dest="validate", action="store_true", default=None,
-                        help="check read-back exactness and llama.cpp vs PyTorch logits (default: on below 1B params)")
-    parser.add_argument("--no-validate", dest="validate", action="store_false")
-    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads for validation")
-    parser.add_argument("--text", default=None,
-                        help="text file for validation (default: the held-out Wikipedia documents, else a built-in paragraph)")
-    parser.add_argument("--validate-tokens", type=int, default=512, help="tokens of --text to evaluate")
+    add_validation_arguments(parser, "read-back exactness and llama.cpp vs PyTorch logits", "llama.cpp")
     parser.add_argument("--name", default=None, help="general.name (default from the base model)")
     parser.add_argument("--base-model", default=None, help="hub id of the base model for general.base_model.*")
     parser.add_argument("--license", default=None, help="general.license (default: known for the base model)")
@@ -49,6 +43,19 @@ _FALLBACK_TEXT = (
     "bringing new industries and workers from across the country. Today the area is known for its universities, "
     "its museums and its parks, and millions of visitors come every year to see its old buildings and gardens. "
 )
+
+
+def add_validation_arguments(parser: argparse.ArgumentParser, checks: str, runtime: str) -> None:
+    """--validate / --no-validate / --threads / --text / --validate-tokens, the same for every exporter's CLI
+    (read by validation_token_ids)."""
+    parser.add_argument("--validate", dest="validate", action="store_true", default=None,
+                        help=f"check {checks} (default: on below 1B params)")
+    parser.add_argument("--no-validate", dest="validate", action="store_false")
+    parser.add_argument("--threads", type=int, default=2, help=f"{runtime} threads for validation")
+    parser.add_argument("--text", default=None,
+                        help="text file for validation (default: the held-out Wikipedia documents, else a built-in "
+                             "paragraph)")
+    parser.add_argument("--validate-tokens", type=int, default=512, help="tokens of --text to evaluate")
 
 
 def validation_text(path: str | None = None) -> str:

@@ -10,6 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from formats.gguf_cli import add_validation_arguments
 
 ACCURACY_HELP = (
     "MatMulNBits accuracy_level. 0 (default): float32 activations, logits match the PyTorch reference to ~1e-6; "
@@ -33,15 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "two dividing the input width is used (576 -> 64)")
     parser.add_argument("--external-data", action="store_true",
                         help="store tensors in model.onnx.data (automatic above 2 GB)")
-    parser.add_argument("--validate", dest="validate", action="store_true", default=None,
-                        help="check read-back exactness, onnxruntime vs PyTorch logits and cached generation "
-                             "(default: on below 1B params)")
-    parser.add_argument("--no-validate", dest="validate", action="store_false")
-    parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads for validation")
-    parser.add_argument("--text", default=None,
-                        help="text file for validation (default: the held-out Wikipedia documents, else a built-in "
-                             "paragraph)")
-    parser.add_argument("--validate-tokens", type=int, default=512, help="tokens of --text to evaluate")
+    add_validation_arguments(parser, "read-back exactness, onnxruntime vs PyTorch logits and cached generation",
+                             "onnxruntime")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
