@@ -27,10 +27,10 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from paretoq_export.atomic import atomic_file, write_text_atomic
 from runtime_tests.bandwidth import (
     cpu_cores, cpu_name, decode_bound_tps, decode_bytes, mean_decode_context, measure_read_bandwidth,
 )
@@ -156,17 +156,7 @@ def format_table(report: dict) -> str:
 
 
 def write_json_atomic(path: str | os.PathLike, payload: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(payload, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 # llama.cpp's own file types by name (llama_ftype), for baselines made by its quantizer
@@ -195,20 +185,13 @@ def llama_quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: str = 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = _ftype(ftype)
     params.nthread = threads
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.partial-", dir=dst.parent)
-    os.close(fd)
-    try:
-        from llama_cpp._utils import suppress_stdout_stderr
+    from llama_cpp._utils import suppress_stdout_stderr
 
+    with atomic_file(dst) as tmp:
         with suppress_stdout_stderr(disable=False):  # its per-tensor log goes straight to the C stderr
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), tmp.encode(), params)
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0:
             raise BenchError(f"llama_model_quantize({src.name} -> {ftype}) failed with status {rc}")
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return dst
 
 

@@ -23,11 +23,12 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+
+from paretoq_export.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -733,18 +734,6 @@ def write_model_card(output_dir: str | os.PathLike, checkpoint: str | os.PathLik
     """Write OUTPUT_DIR/README.md (atomically) and return its path."""
     contents = build_model_card(output_dir, checkpoint, base_model, license, repo_id)
     return write_text_atomic(Path(output_dir) / CARD_FILE, contents.text)
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # ----------------------------------------------------------------------------------------------- CLI

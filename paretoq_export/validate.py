@@ -28,12 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from paretoq_export.atomic import atomic_file, write_text_atomic
 
 FORMATS = ("gguf", "onnx", "executorch")
 ONNX_MODEL_FILE = "model.onnx"  # formats.onnx.MODEL_FILE (not imported here: onnx is an optional extra)
@@ -349,19 +350,8 @@ def format_report(report: dict) -> str:
 
 
 def write_json(report: dict, path: str | os.PathLike) -> Path:
-    """Atomic write (temporary sibling + os.replace): a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(report, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Atomic write (paretoq_export.atomic): a reader never sees half a file."""
+    return write_text_atomic(path, json.dumps(report, indent=2) + "\n")
 
 
 def plot_zeroshot(report: dict, path: str | os.PathLike) -> Path:
@@ -389,15 +379,11 @@ def plot_zeroshot(report: dict, path: str | os.PathLike) -> Path:
     ax.legend(fontsize=7, ncol=4, loc="upper center")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 
