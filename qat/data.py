@@ -1,16 +1,22 @@
 """Training text: load documents, split them into train / held-out by document, pack token blocks.
 
 Sources are plain text files (documents separated by blank lines), JSONL files with a ``text`` field, directories
-written by ``datasets.Dataset.save_to_disk``, directories of such files, or a packaged corpus name
-("wikipedia", "shakespeare": see :mod:`qat.corpora`).
+written by ``datasets.Dataset.save_to_disk``, directories of such files, a packaged corpus name
+("wikipedia", "shakespeare": see :mod:`qat.corpora`), or ``teacher`` / ``teacher:N`` (N tokens such as 5M; default
+1M): training blocks sampled from the float model itself (LLM-QAT's data-free recipe, :mod:`qat.teacher_data`),
+alone or mixed with text sources (``["teacher:5M", "wikipedia"]``: the blocks of both, shuffled together).
 
 The held-out split is made on documents, before tokenization, so no held-out text is ever trained on (a split on
-token blocks would put the two halves of a document on both sides).
+token blocks would put the two halves of a document on both sides). Held-out perplexity is always measured on real
+text: with teacher data alone, on the held-out documents of ``DataConfig.heldout_source`` (default "wikipedia",
+the same documents a ``wikipedia`` run holds out), none of which is trained on.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qat.corpora import resolve_data_source
+from qat.teacher_data import DEFAULT_TOKENS, SamplingConfig, parse_token_count, teacher_blocks
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -168,13 +175,75 @@ def pack_blocks(tokenizer, documents: list[str], block_size: int, heldout_fracti
 
 @dataclass
 class DataConfig:
-    sources: list[str] = field(default_factory=lambda: ["wikipedia"])
+    sources: list[str] = field(default_factory=lambda: ["wikipedia"])  # text sources and/or "teacher[:N]"
     block_size: int = 512
     heldout_fraction: float = 0.05
-    seed: int = 0
+    seed: int = 0  # the held-out split and the teacher sample
+    # teacher data (sources "teacher" / "teacher:N"; qat.teacher_data): each sample is one block_size block
+    heldout_source: str = "wikipedia"  # real text for held-out perplexity when every source is the teacher
+    teacher_temperature: float = 1.0  # LLM-QAT samples at 1 (0: greedy)
+    teacher_greedy_tokens: int = 3  # tokens after the random first one picked greedily (LLM-QAT: 3-5)
+    teacher_top_k: int = 0  # 0: off
+    teacher_top_p: float = 1.0  # 1: off
+    teacher_batch_size: int | None = None  # sequences sampled at once; None: 1024 on CUDA, 16 on CPU
 
 
-def build_data(tokenizer, config: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """load_documents + pack_blocks from a DataConfig."""
-    documents = load_documents(config.sources)
-    return pack_blocks(tokenizer, documents, config.block_size, config.heldout_fraction, config.seed)
+def teacher_tokens(source: str | Path) -> int | None:
+    """Tokens asked of the teacher by a source ("teacher": the default, "teacher:5M"), None for a text source.
+    An existing file or directory of that name is a text source, as for the corpus names."""
+    text = str(source)
+    if not re.fullmatch(r"teacher(:.*)?", text, re.IGNORECASE) or Path(text).expanduser().exists():
+        return None
+    return parse_token_count(text.split(":", 1)[1]) if ":" in text else DEFAULT_TOKENS
+
+
+def split_sources(sources: list[str | Path]) -> tuple[list[str | Path], int]:
+    """(text sources, teacher tokens summed over the teacher sources)."""
+    text, tokens = [], 0
+    for source in sources:
+        asked = teacher_tokens(source)
+        if asked is None:
+            text.append(source)
+        else:
+            tokens += asked
+    return text, tokens
+
+
+def build_heldout(tokenizer, config: DataConfig) -> torch.Tensor:
+    """Only the held-out blocks of build_data (the same ones), without sampling any teacher data."""
+    text_sources, _ = split_sources(config.sources)
+    _, heldout_docs = split_documents(load_documents(text_sources or [config.heldout_source]),
+                                      config.heldout_fraction, config.seed)
+    if not heldout_docs:
+        return torch.empty(0, config.block_size, dtype=torch.long)
+    return _blocks(tokenize_documents(tokenizer, heldout_docs, "tokenizing held-out"), config.block_size, "held-out")
+
+
+def build_data(tokenizer, config: DataConfig, model=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) blocks: load_documents + pack_blocks of the text sources, plus the teacher's blocks
+    (sampled from ``model``, the float model, or loaded from the cache) when a source is "teacher[:N]"."""
+    text_sources, asked = split_sources(config.sources)
+    if not text_sources and not asked:
+        raise ValueError(f"no data sources given: {_FIX}, or teacher[:N]")
+    if text_sources:
+        train, heldout = pack_blocks(tokenizer, load_documents(text_sources), config.block_size,
+                                     config.heldout_fraction, config.seed)
+    else:
+        if config.block_size < 2:
+            raise ValueError(f"block_size must be >= 2, got {config.block_size}")
+        train, heldout = torch.empty(0, config.block_size, dtype=torch.long), build_heldout(tokenizer, config)
+    if asked:
+        if model is None:
+            raise ValueError("teacher data is sampled from the float model: call build_data(tokenizer, config, "
+                             "model=float_model) before the model is prepared for QAT")
+        sampling = SamplingConfig(length=config.block_size, count=math.ceil(asked / config.block_size),
+                                  seed=config.seed, temperature=config.teacher_temperature,
+                                  greedy_tokens=config.teacher_greedy_tokens, top_k=config.teacher_top_k,
+                                  top_p=config.teacher_top_p)
+        sampled = teacher_blocks(model, tokenizer, sampling, batch_size=config.teacher_batch_size)
+        if int(os.environ.get("RANK", "0")) == 0:
+            where = " + ".join(map(str, text_sources)) if text_sources else f"{config.heldout_source} (held-out only)"
+            print(f"training data: {len(sampled)} teacher blocks + {len(train)} text blocks of {config.block_size} "
+                  f"tokens; held-out: {len(heldout)} blocks of {where}, never trained on", flush=True)
+        train = torch.cat([train, sampled])
+    return train, heldout
