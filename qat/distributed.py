@@ -43,6 +43,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
+STATE_FILE = "trainer_state.pt"  # the trainer's checkpoint in output_dir (qat.trainer uses this name)
 DCP_DIR = "trainer_state_dcp"
 
 
@@ -67,7 +68,7 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     """A fully_shard()'ed copy of ``model`` on ``device`` (one FSDP unit per decoder layer plus the root).
 
     A copy, so that ``model`` itself stays a plain module that ``gather_into`` fills with the trained weights at
-    the end (QuantizedCheckpoint.from_qat_model and the exporters need full tensors). Costs one extra host copy
+    the end (QATCheckpoint.from_qat_model and the exporters need full tensors). Costs one extra host copy
     of the float32 model per process while sharding.
     """
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -154,8 +155,6 @@ def load_trained_weights(model: nn.Module, output_dir: str | Path) -> int:
     Reads both kinds: trainer_state.pt with the full state (one process, DDP) and trainer_state.pt naming a
     torch.distributed.checkpoint directory (FSDP), which DCP re-assembles from the shards of every rank.
     """
-    from qat.trainer import STATE_FILE  # the trainer imports this module
-
     state_path = Path(output_dir) / STATE_FILE
     if not state_path.is_file():
         raise FileNotFoundError(f"no {STATE_FILE} in {output_dir}: point at the output_dir of a training run")

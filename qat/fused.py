@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import math
 import types
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -35,18 +36,34 @@ from qat.grids import Grid
 from qat.quantizers import ALPHA_EPS, SEQ_CLIP
 
 
+@dataclass(frozen=True)
+class SteBounds:
+    """A grid's straight-through-estimator constants, in units of alpha (x = w / alpha)."""
+    low: float  # the weight gradient passes where low <= x <= high (the clipped STE band)
+    high: float
+    below: float  # alpha's gradient term where x < low, and where x > high (the saturated levels)
+    above: float
+    seq_levels: float  # SEQ's n and shift in (round(clamp(x) * n - shift) + shift) / n; 1 and 0 (the identity,
+    seq_shift: float  # never read) for sign and LSQ
+
+
+def ste_bounds(grid: Grid) -> SteBounds:
+    """The one definition of the STE band and saturation values that both fused paths use (and the reference
+    autograd function in qat/quantizers.py spells out in its backward). DESIGN.md section 2: LSQ passes
+    Qn <= x <= Qp and saturates at Qn / Qp; SEQ passes |x| <= 0.99 and saturates at -+(n - shift) / n; sign passes
+    |x| <= 1 (qn, qp = -1, 1), its alpha term being sign(w) everywhere, so below/above are not read."""
+    if grid.method == "seq":
+        n, shift = float(grid.seq_levels), float(grid.seq_shift)
+        saturation = (n - shift) / n
+        return SteBounds(-SEQ_CLIP, SEQ_CLIP, -saturation, saturation, n, shift)
+    return SteBounds(float(grid.qn), float(grid.qp), float(grid.qn), float(grid.qp), 1.0, 0.0)
+
+
 def _kernels(grid: Grid) -> tuple[Callable, Callable]:
     """(forward, backward) plain-tensor functions of one grid, with its constants baked in as Python floats."""
     method = grid.method
-    if method == "seq":
-        n, shift = float(grid.seq_levels), float(grid.seq_shift)
-        low, high = -SEQ_CLIP, SEQ_CLIP
-        sat = (n - shift) / n
-        below, above = -sat, sat
-    else:
-        n = shift = 0.0
-        low, high = float(grid.qn), float(grid.qp)
-        below, above = low, high
+    b = ste_bounds(grid)
+    n, shift, low, high, below, above = b.seq_levels, b.seq_shift, b.low, b.high, b.below, b.above
 
     def level_value(x: torch.Tensor) -> torch.Tensor:
         # the same operations in the same order as qat.quantizers._level_value
@@ -178,17 +195,10 @@ if triton is not None:
         tl.store(ga_ptr + row, (tl.sum(acc, axis=0) * grad_scale).to(ga_ptr.dtype.element_ty))
 
 
-def _triton_constants(grid: Grid) -> dict:
-    if grid.method == "seq":
-        n, shift = float(grid.seq_levels), float(grid.seq_shift)
-        sat = (n - shift) / n
-        low, high, below, above = -SEQ_CLIP, SEQ_CLIP, -sat, sat
-    else:
-        n = shift = 1.0
-        low, high = float(grid.qn), float(grid.qp)
-        below, above = low, high
-    return dict(EPS=ALPHA_EPS, METHOD=_METHOD_ID[grid.method], N=n, SHIFT=shift, LOW=low, HIGH=high,
-                CLIP=SEQ_CLIP), dict(BELOW=below, ABOVE=above)
+def _triton_constants(grid: Grid) -> tuple[dict, dict]:
+    b = ste_bounds(grid)
+    return dict(EPS=ALPHA_EPS, METHOD=_METHOD_ID[grid.method], N=b.seq_levels, SHIFT=b.seq_shift, LOW=b.low,
+                HIGH=b.high, CLIP=SEQ_CLIP), dict(BELOW=b.below, ABOVE=b.above)
 
 
 _FORWARD_BLOCK = 1024
@@ -286,12 +296,11 @@ def fused_default(device: torch.device | str) -> bool:
 
 def set_fused(model: nn.Module, on: bool) -> dict[nn.Module, bool]:
     """Switch every quantized module of ``model`` to the fused (True) or reference (False) fake-quant; returns the
-    previous settings for ``restore_fused``."""
-    from qat.modules import QUANT_MODULES  # qat.modules imports this module
-
+    previous settings for ``restore_fused``. A module takes part by declaring a class attribute ``fused: bool``
+    (qat.modules.QuantLinear / QuantEmbedding do): qat.modules imports this module, never the reverse."""
     previous = {}
     for module in model.modules():
-        if isinstance(module, QUANT_MODULES):
+        if isinstance(getattr(type(module), "fused", None), bool):
             previous[module] = module.fused
             module.fused = on
     return previous

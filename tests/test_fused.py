@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from qat.fused import fused_default, fused_fake_quantize, resolve_backend, set_fused
+from qat import fused as fused_module
+from qat.fused import fused_default, fused_fake_quantize, resolve_backend, set_fused, ste_bounds
 from qat.grids import grid_for_bits
 from qat.modules import QuantLinear
 from qat.prepare import QATConfig, prepare, quantized_modules
@@ -146,3 +147,31 @@ def test_triton_kernels_in_the_interpreter(tmp_path):
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "triton kernels match" in done.stdout
+
+
+def test_ste_bounds_one_definition():
+    """DESIGN.md section 2's STE band and saturation values, from the one function both fused paths read."""
+    b = ste_bounds(grid_for_bits(2))
+    assert (b.low, b.high, b.below, b.above, b.seq_levels, b.seq_shift) == (-0.99, 0.99, -0.75, 0.75, 2.0, 0.5)
+    b = ste_bounds(grid_for_bits(1.58))
+    assert (b.low, b.high, b.below, b.above, b.seq_levels, b.seq_shift) == (-0.99, 0.99, -1.0, 1.0, 1.5, 0.0)
+    b = ste_bounds(grid_for_bits(4))
+    assert (b.low, b.high, b.below, b.above) == (-8.0, 7.0, -8.0, 7.0)
+    b = ste_bounds(grid_for_bits(1))
+    assert (b.low, b.high) == (-1.0, 1.0)  # sign: the weight gradient passes where |w / alpha| <= 1
+    # the Triton kernels get the same numbers as constexprs
+    consts, extra = fused_module._triton_constants(grid_for_bits(2))
+    assert (consts["LOW"], consts["HIGH"], consts["N"], consts["SHIFT"], extra["BELOW"], extra["ABOVE"]) == (
+        -0.99, 0.99, 2.0, 0.5, -0.75, 0.75)
+
+
+def test_no_import_cycle_and_fixed_reduction_order():
+    """qat.fused imports nothing of qat.modules (modules imports fused), and its alpha-gradient row reduction
+    has a fixed order (one Triton program per row looping over the columns; inductor reductions use no atomics):
+    two identical runs give identical alpha gradients, which TrainConfig(deterministic=True) relies on."""
+    code = "import sys, qat.fused; assert 'qat.modules' not in sys.modules, 'qat.fused imported qat.modules'"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "atomic" not in Path(fused_module.__file__).read_text()
+    lin = QuantLinear.from_linear(nn.Linear(16, 8), 2)
+    assert set_fused(nn.Sequential(lin), True) == {lin: False} and lin.fused
