@@ -1,5 +1,5 @@
-"""Knowledge-distillation loss that scales: KL(teacher || student) per predicted token, never in float32 for the
-whole batch.
+"""Training losses that scale: next-token cross-entropy and the distillation KL(teacher || student) per predicted
+token, never in float32 for the whole batch.
 
 The plain formula (log_softmax of both [B*T, V] logits in float32, then kl_div, then autograd) holds four or five
 float32 copies of the logits for the backward: at SmolLM2's vocabulary of 49152 and 16k tokens per micro-batch,
@@ -8,6 +8,8 @@ which has a closed form, T * (softmax(s / T) - softmax(t / T)) / N per row (the 
 recomputes each chunk's two softmaxes from the saved logits (in their own dtype, bf16 under autocast) rather than
 keeping float32 intermediates. Extra memory: one chunk's float32 temporaries, plus the gradient in the logits'
 dtype that autograd needs anyway.
+
+The cross-entropy (``chunked_lm_loss``) is done the same way: its gradient is (softmax(s) - onehot(y)) / N per row.
 
 ``topk``: distil only the teacher's top-k tokens per position (its distribution renormalised over them), the
 teacher given as (values, indices) of shape [B, T, k]: the teacher's full logits need not stay alive beside the
@@ -121,3 +123,47 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int,
         top = flat[start:start + chunk_tokens].topk(k, dim=-1)
         values[start:start + chunk_tokens], indices[start:start + chunk_tokens] = top.values, top.indices
     return values.view(batch, seq_len, k), indices.view(batch, seq_len, k)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+        batch, seq_len, vocab = logits.shape
+        flat = logits.reshape(-1, vocab)
+        # each row's target is the next token; a sequence's last row has none (weight 0, target clamped to 0)
+        targets = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).reshape(-1)
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        with torch.autocast(logits.device.type, enabled=False):
+            for start in range(0, flat.shape[0], chunk):
+                stop = min(start + chunk, flat.shape[0])
+                nll = F.cross_entropy(flat[start:stop].float(), targets[start:stop], reduction="none")
+                total += (nll * _valid_rows(start, stop, seq_len, logits.device)).sum()
+        ctx.save_for_backward(logits, targets)
+        ctx.chunk = chunk
+        return total / (batch * (seq_len - 1))
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        logits, targets = ctx.saved_tensors
+        batch, seq_len, vocab = logits.shape
+        flat = logits.reshape(-1, vocab)
+        scale = grad_output.float() / (batch * (seq_len - 1))
+        grad = torch.empty_like(flat)
+        with torch.autocast(logits.device.type, enabled=False):
+            for start in range(0, flat.shape[0], ctx.chunk):
+                stop = min(start + ctx.chunk, flat.shape[0])
+                g = F.softmax(flat[start:stop].float(), dim=-1)
+                g.scatter_add_(-1, targets[start:stop, None], torch.full((stop - start, 1), -1.0, device=g.device))
+                g *= _valid_rows(start, stop, seq_len, logits.device).unsqueeze(-1) * scale
+                grad[start:stop] = g.to(grad.dtype)
+        return grad.view_as(logits), None, None
+
+
+def chunked_lm_loss(logits: torch.Tensor, ids: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Next-token cross-entropy (mean over the [B, T-1] predicting positions), in float32 one chunk of rows at a
+    time: the same value and gradient as qat.trainer.lm_loss without its float32 copies of all the logits."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if logits.ndim != 3 or logits.shape[:2] != ids.shape or logits.shape[1] < 2:
+        raise ValueError(f"logits {tuple(logits.shape)} and ids {tuple(ids.shape)} must be [B, T >= 2, V] and [B, T]")
+    return _ChunkedCrossEntropy.apply(logits, ids, chunk_tokens)

@@ -148,8 +148,9 @@ class TeacherSampler:
         self._cache, self._cache_shape = None, None
         self.compile = cuda if compile is None else compile
         self._decode = self._step
+        self._graphs = self.compile and cuda
         if self.compile:
-            mode = "reduce-overhead" if cuda else None
+            mode = "reduce-overhead" if cuda else None  # reduce-overhead: CUDA graphs
             self._decode = torch.compile(self._step, mode=mode, backend=compile_backend, dynamic=False)
 
     def _step(self, ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -200,9 +201,14 @@ class TeacherSampler:
             for pos in range(length - 1):
                 position.fill_(pos)
                 # the first step fills the (lazily allocated) cache eagerly; compiled steps then mutate it in place
-                step = self._step if pos == 0 else self._decode
-                logits = step(current, position)
+                if pos == 0:
+                    logits = self._step(current, position)
+                else:
+                    if self._graphs:
+                        torch.compiler.cudagraph_mark_step_begin()  # the last replay's logits are consumed
+                    logits = self._decode(current, position)
                 current = self._next_token(logits, pos < config.greedy_tokens, config, generator).view(batch, 1)
+                del logits  # a CUDA-graph output: the next replay overwrites it
                 tokens[:, pos + 1] = current[:, 0]
                 bar.update(batch)
             out[b * batch:(b + 1) * batch] = tokens.cpu()

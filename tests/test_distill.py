@@ -69,3 +69,18 @@ def test_bf16_logits_keep_their_dtype_and_errors():
         chunked_distill_loss(student, teacher[..., :10])
     with pytest.raises(ValueError, match="chunk_tokens"):
         chunked_distill_loss(student, teacher, chunk_tokens=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1024])
+def test_chunked_cross_entropy_equals_lm_loss(chunk):
+    from qat.distill import chunked_lm_loss
+
+    student = logits(8)
+    ids = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(9))
+    s1, s2 = student.clone().requires_grad_(), student.clone().requires_grad_()
+    expected = F.cross_entropy(s1[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    got = chunked_lm_loss(s2, ids, chunk_tokens=chunk)
+    (2 * expected).backward()
+    (2 * got).backward()
+    assert got.item() == pytest.approx(expected.item(), abs=1e-6, rel=1e-6)
+    torch.testing.assert_close(s2.grad, s1.grad, rtol=0, atol=1e-6)
