@@ -125,17 +125,26 @@ def _same_tensor(model: nn.Module, name: str, full: dict) -> bool:
     return any(p is target and n in full for n, p in model.named_parameters(remove_duplicate=False))
 
 
-def save_sharded(path: Path, sharded: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Each rank writes its shards of the model and optimizer states (torch.distributed.checkpoint). Collective."""
-    model_state, optim_state = get_state_dict(sharded, optimizer)
-    # overwrite=True said explicitly: a re-save of the same step (a resumed run ending where it stopped) replaces it
-    dcp.save({"model": model_state, "optim": optim_state}, storage_writer=dcp.FileSystemWriter(path, overwrite=True))
-
-
-def load_sharded(path: Path, sharded: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load a save_sharded() checkpoint into the sharded model and optimizer (any world size). Collective."""
+def save_sharded(path: Path, sharded: nn.Module, optimizer: torch.optim.Optimizer,
+                 extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Each rank writes its shards of the model and optimizer states (torch.distributed.checkpoint), and of
+    ``extra`` tensors (e.g. keep_best's copy of the best weights, DTensors like the parameters). Collective."""
     model_state, optim_state = get_state_dict(sharded, optimizer)
     state = {"model": model_state, "optim": optim_state}
+    if extra:
+        state["extra"] = extra
+    # overwrite=True said explicitly: a re-save of the same step (a resumed run ending where it stopped) replaces it
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(path, overwrite=True))
+
+
+def load_sharded(path: Path, sharded: nn.Module, optimizer: torch.optim.Optimizer,
+                 extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Load a save_sharded() checkpoint into the sharded model and optimizer (any world size), and its extra
+    tensors in place into ``extra`` (tensors of the saved shapes: DCP re-shards into them). Collective."""
+    model_state, optim_state = get_state_dict(sharded, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    if extra:
+        state["extra"] = extra
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(sharded, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 

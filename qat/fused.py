@@ -16,6 +16,11 @@ compiled call's CPU overhead (dynamo guards, wrappers) per linear per step made 
 
 The reference (unfused) path stays the definition; tests/test_fused.py checks this one against it (the Triton
 kernels through Triton's CPU interpreter; bench/qat_throughput.py repeats the check on the GPU).
+Determinism: the per-row alpha gradient is reduced in a fixed order in both paths, so identical inputs give
+identical bits (what TrainConfig.deterministic relies on): the Triton backward runs one program per row that loops
+over the row's columns in order and sums its block in registers (no atomics, no split across programs); inductor
+reductions never use atomics (a split reduction writes partial sums, then reduces them in a second kernel).
+
 In the inductor path ``grad_scale = 1/sqrt(numel * Qp)`` is applied to the small [out, 1] alpha gradient outside
 the kernel so that the compiled graph does not depend on the weight's size (one dynamic-shape kernel serves every
 layer); the Triton kernel takes it as an argument.
