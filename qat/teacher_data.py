@@ -90,7 +90,7 @@ def model_fingerprint(model: nn.Module) -> str:
         if flat.numel() == 0:
             continue
         sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
-        sums = torch.stack([flat.double().sum(), flat.double().abs().sum()]).cpu()
+        sums = torch.stack([flat.sum(dtype=torch.float64), flat.abs().sum(dtype=torch.float64)]).cpu()
         h.update(sample.numpy().tobytes())
         h.update(sums.numpy().tobytes())
     return h.hexdigest()
