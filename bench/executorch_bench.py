@@ -29,9 +29,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from formats.executorch import ExecuTorchOptions, export_executorch, validate_executorch  # noqa: E402
+from formats.executorch import ExecuTorchOptions, export_executorch  # noqa: E402
 from formats.gguf import GGUFOptions, export_gguf  # noqa: E402
-from qat.grids import format_bits, parse_bits  # noqa: E402
+from formats.validation import report_path, validate_artifact, write_report  # noqa: E402
+from paretoq_export.canonical.grids import format_bits, parse_bits  # noqa: E402
 
 
 def _bench_pte(path: Path, args) -> dict:
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from paretoq_export.checkpoint import QuantizedCheckpoint
+    from paretoq_export.canonical.checkpoint import QuantizedCheckpoint
+    from qat.checkpoint_io import QATCheckpoint
     from paretoq_export.model_source import load_model
     from qat.prepare import QATConfig, prepare
 
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     source = load_model(args.model)
     recipe = {"method": "rtn", "base_model": source.base_model}
-    fp32 = QuantizedCheckpoint.from_float_model(source.model, source.tokenizer, recipe, float_dtype="float32")
+    fp32 = QATCheckpoint.from_float_model(source.model, source.tokenizer, recipe, float_dtype="float32")
     models = [("fp32", fp32)]
     for ckpt_dir in args.checkpoint or []:
         ckpt = QuantizedCheckpoint.load(ckpt_dir)
@@ -102,12 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         models.append((f"ParetoQ {bits}-bit {ckpt.recipe.get('method', '')}".rstrip(), ckpt))
     for bits in map(parse_bits, [] if args.checkpoint else args.bits):
         model = prepare(copy.deepcopy(source.model), QATConfig(bits=bits))  # fp32's tensors alias source.model
-        models.append((f"ParetoQ {format_bits(bits)}-bit", QuantizedCheckpoint.from_qat_model(model, source.tokenizer,
+        models.append((f"ParetoQ {format_bits(bits)}-bit", QATCheckpoint.from_qat_model(model, source.tokenizer,
                                                                                                 recipe)))
         del model
     ids = None
     if args.validate_tokens:
-        from formats.gguf_cli import validation_text
+        from paretoq_export.validation_text import validation_text
 
         ids = source.tokenizer(validation_text())["input_ids"][: args.validate_tokens]
 
@@ -126,12 +128,13 @@ def main(argv: list[str] | None = None) -> int:
             result = export_executorch(ckpt, path, dataclasses.replace(opts, embedding_bits=emb))
             row.update(export_s=result.seconds, bytes=result.nbytes, delegates=result.delegation.subgraphs,
                        linears_delegated=result.linears_delegated(), weights_exact=result.weights)
-        report_file = Path(f"{path}.validation.json")
+        report_file = report_path(path)
         if ids is not None and not (args.reuse and report_file.is_file()):
-            validate_executorch(path, ckpt, ids, threads=args.threads, kv_prefill=len(ids) * 2 // 3)
+            write_report(validate_artifact(path, ckpt, ids, threads=args.threads, progress=False,
+                                           check_options={"kv_prefill": len(ids) * 2 // 3}), report_file)
         if ids is not None:
             report = json.loads(report_file.read_text())
-            row["validation"] = {k: report[k] for k in ("tokens", "executorch_vs_reference", "kv_cache")}
+            row["validation"] = {"metrics": report["metrics"], "kv_cache": report["checks"]["kv_cache"]}
         rows.append(row)
         if ckpt is not fp32 and emb is None:
             t0 = time.perf_counter()
@@ -162,10 +165,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['tg_tps']:>7.1f} {r['tg_vs_fp32_pte']:>7.2f} {rss}")
     for r in rows:
         if "validation" in r:
-            m, kv = r["validation"]["executorch_vs_reference"], r["validation"]["kv_cache"]
-            print(f"{r['name']} vs PyTorch on {r['validation']['tokens']} held-out tokens: PPL {m['ppl_test']:.4g} vs "
-                  f"{m['ppl_ref']:.4g} (ratio {m['ppl_ratio']:.4f}), mean KL {m['mean_kl']:.2e}, top-1 "
-                  f"{m['top1_agreement']:.1%}; KV decode vs recompute max |diff| "
+            m, kv = r["validation"]["metrics"], r["validation"]["kv_cache"]
+            print(f"{r['name']} vs PyTorch on {m['tokens']} held-out tokens: PPL {m['ppl_artifact']:.4g} vs "
+                  f"{m['ppl_reference']:.4g} (ratio {m['ppl_ratio']:.4f}), mean KL {m['kl_mean']:.2e}, top-1 "
+                  f"{m['top1']:.1%}; KV decode vs recompute max |diff| "
                   f"{kv['teacher_forced_max_abs_diff']:.2e}, greedy equal {kv['greedy_equal']}" +
                   (f", decode path vs PyTorch PPL ratio {kv['decode_vs_reference']['ppl_ratio']:.4f}"
                    if "decode_vs_reference" in kv else ""))

@@ -31,9 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results/executorch_tiny_matrix.json")
     args = p.parse_args(argv)
 
-    from formats.executorch import ExecuTorchOptions, export_executorch, validate_executorch
-    from paretoq_export.checkpoint import QuantizedCheckpoint
-    from qat.grids import parse_bits
+    from formats.executorch import ExecuTorchOptions, export_executorch
+    from formats.validation import validate_artifact
+    from qat.checkpoint_io import QATCheckpoint
+    from paretoq_export.canonical.grids import parse_bits
     from qat.prepare import QATConfig, prepare
     from tiny_models import tiny_model, tiny_tokenizer
 
@@ -43,19 +44,19 @@ def main(argv: list[str] | None = None) -> int:
         for arch in args.archs:
             for bits in map(parse_bits, args.bits):
                 model = prepare(tiny_model(arch, layers=1), QATConfig(bits=bits))
-                ckpt = QuantizedCheckpoint.from_qat_model(model, tiny_tokenizer(), recipe={"method": "rtn"})
+                ckpt = QATCheckpoint.from_qat_model(model, tiny_tokenizer(), recipe={"method": "rtn"})
                 t0 = time.perf_counter()
                 result = export_executorch(ckpt, Path(tmp) / f"{arch}-{bits}.pte",
                                            ExecuTorchOptions(max_seq_len=128, progress=False))
                 export_s = time.perf_counter() - t0
                 assert result.weights["exact"] == result.weights["tensors"] == 7, result.weights
                 assert result.linears_delegated(), result.delegation.to_json()
-                report = validate_executorch(result.path, ckpt, ids, kv_prefill=40)
-                m, kv = report["executorch_vs_reference"], report["kv_cache"]
+                report = validate_artifact(result.path, ckpt, ids, progress=False, check_options={"kv_prefill": 40})
+                m, kv = report["metrics"], report["checks"]["kv_cache"]
                 row = {"arch": arch, "bits": bits, "bytes": result.nbytes, "export_s": round(export_s, 1),
                        "delegates": result.delegation.subgraphs, "linears_delegated": True,
-                       "top1": m["top1_agreement"], "top1_clear_margin": m["top1_agreement_clear_margin"],
-                       "ppl_ratio": m["ppl_ratio"], "mean_kl": m["mean_kl"],
+                       "top1": m["top1"], "top1_clear_margin": m["top1_clear_margin"],
+                       "ppl_ratio": m["ppl_ratio"], "mean_kl": m["kl_mean"],
                        "kv_max_abs_diff": kv["teacher_forced_max_abs_diff"], "kv_greedy_equal": kv["greedy_equal"]}
                 rows.append(row)
                 print(f"{arch:<6} {bits:>5} bits: top-1 {row['top1']:.3f} (clear margin {row['top1_clear_margin']:.3f})"

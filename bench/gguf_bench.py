@@ -3,7 +3,7 @@
     python bench/gguf_bench.py [--model DIR_OR_GGUF] [--bits 1 1.58 2 3 4] [--threads 2] [--out bench/results/gguf_bench.json]
 
 Checkpoints are RTN (same grids and containers as QAT ones, so size and speed are representative). The F16 and Q8_0
-baselines are the float model (QuantizedCheckpoint.from_float_model) written by our writer with every 2-D tensor
+baselines are the float model (QATCheckpoint.from_float_model) written by our writer with every 2-D tensor
 F16 / Q8_0 (what llama-quantize's F16 / Q8_0 files hold, token_embd included). Speeds come from llama-cpp-python (one pp-token batch,
 then tg single-token steps, median of --repeats); ``--llama-bench PATH`` also runs a llama-bench binary built from
 the llama-cpp-python sdist (optional: ~12 min to build on 2 cores).
@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from formats.gguf import GGUFOptions, export_gguf  # noqa: E402
-from qat.grids import format_bits, parse_bits  # noqa: E402
+from paretoq_export.canonical.grids import format_bits, parse_bits  # noqa: E402
 
 
 def _bench(path: Path, args) -> dict:
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
 
-    from paretoq_export.checkpoint import QuantizedCheckpoint
+    from qat.checkpoint_io import QATCheckpoint
     from paretoq_export.model_source import load_model
     from qat.prepare import QATConfig, prepare
 
@@ -68,12 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     source = load_model(args.model)
     rows: list[dict] = []
-    baseline_ckpt = QuantizedCheckpoint.from_float_model(source.model, source.tokenizer,
+    baseline_ckpt = QATCheckpoint.from_float_model(source.model, source.tokenizer,
                                                          recipe={"base_model": source.base_model})
     for bits_str in args.bits:
         bits = parse_bits(bits_str)
         model = prepare(copy.deepcopy(source.model), QATConfig(bits=bits))
-        ckpt = QuantizedCheckpoint.from_qat_model(model, source.tokenizer,
+        ckpt = QATCheckpoint.from_qat_model(model, source.tokenizer,
                                                   recipe={"method": "rtn", "base_model": source.base_model})
         del model
         opts = GGUFOptions(overwrite=True, ternary_type=args.ternary_type, embedding_type=args.embedding_type,

@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from formats.gguf_cli import validation_text
-    from formats.onnx_validate import reference_logits
-    from paretoq_export.checkpoint import QuantizedCheckpoint
+    from formats.validation import reference_logits
+    from paretoq_export.validation_text import validation_text
+    from qat.checkpoint_io import QATCheckpoint
     from paretoq_export.model_source import load_model
     from qat.prepare import QATConfig, prepare
     from runtime_tests.metrics import compare_logits
@@ -92,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
     source = load_model(args.model)
-    checkpoints = {None: QuantizedCheckpoint.from_float_model(source.model, source.tokenizer,
+    checkpoints = {None: QATCheckpoint.from_float_model(source.model, source.tokenizer,
                                                               recipe={"base_model": source.base_model})}
     for bits in sorted({v[1] for v in VARIANTS if v[1] is not None}):
         model = prepare(copy.deepcopy(source.model), QATConfig(bits=bits))
-        checkpoints[bits] = QuantizedCheckpoint.from_qat_model(
+        checkpoints[bits] = QATCheckpoint.from_qat_model(
             model, source.tokenizer, recipe={"method": "rtn", "base_model": source.base_model})
         del model
     ids = np.asarray(source.tokenizer(validation_text())["input_ids"][: args.quality_tokens])

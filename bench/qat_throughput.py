@@ -103,7 +103,7 @@ def check_fused(device: torch.device, bits_list=(1, 1.58, 2, 3, 4), shape=(256, 
     """Max differences of the fused kernels (the backend the bench uses on this device) from the reference autograd
     function, bf16 output as under autocast: recorded next to the timings so they are known to time the same maths."""
     from qat.fused import fused_fake_quantize, resolve_backend
-    from qat.grids import grid_for_bits
+    from paretoq_export.canonical.grids import grid_for_bits
     from qat.quantizers import fake_quantize, init_alpha
 
     out = {"backend": resolve_backend("auto", device)}

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from paretoq_export.checkpoint import QuantizedCheckpoint
+from qat.checkpoint_io import QATCheckpoint as QuantizedCheckpoint
 from paretoq_export.model_source import load_model
 from paretoq_export.pipeline import heldout_perplexity
 from qat.data import DataConfig, build_data

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from paretoq_export.checkpoint import QuantizedCheckpoint
+from paretoq_export.canonical.checkpoint import QuantizedCheckpoint
 from paretoq_export.model_source import load_model
 from paretoq_export.pipeline import heldout_perplexity
+from qat.checkpoint_io import QATCheckpoint
 from qat.data import DataConfig, build_data
 from qat.prepare import QATConfig, prepare
 from qat.trainer import TrainConfig, train
@@ -67,7 +68,7 @@ def main() -> None:
                     steps, lr = result.steps, result.lr
                 seconds = time.time() - start
                 ckpt_dir = Path(tmp) / f"{method}{bits}-{lr}"
-                QuantizedCheckpoint.from_qat_model(target, source.tokenizer).save(ckpt_dir)
+                QATCheckpoint.from_qat_model(target, source.tokenizer).save(ckpt_dir)
                 reference = QuantizedCheckpoint.load(ckpt_dir).build_reference_model().to(device)
                 ppl = heldout_perplexity(reference, heldout)
                 tokens = steps * args.batch_size * args.grad_accum * args.block_size

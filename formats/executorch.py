@@ -1,8 +1,8 @@
 """ExecuTorch writer for the canonical checkpoint: a .pte with a static KV cache, linears delegated to XNNPACK.
 
     export_executorch(checkpoint, output, ExecuTorchOptions())   -> ExecuTorchExportResult
-    validate_executorch(pte, checkpoint, token_ids)             -> logits vs the PyTorch reference (JSON),
-                                                                   KV-cached decode vs full recompute
+    check_kv_decode(runner, token_ids, prefill)                 -> KV-cached decode vs full recompute (the
+                                                                   format's extra check in formats.validation)
 
 Quantized linears are built from the checkpoint's integer codes and fp16 steps (formats.executorch_weights), never
 re-quantized from floats: on x86 every grid sits exactly in an int4 per-channel container that XNNPACK runs with
@@ -14,7 +14,6 @@ metadata and KV cache follow formats.executorch_program; the tokenizer file is w
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -28,12 +27,13 @@ from formats.executorch_program import (
     LINEAR_OPS, QUANT_OPS, Delegation, eos_ids, export_program, lower_to_executorch, metadata,
 )
 from formats.executorch_weights import TARGETS, ContainerError, build_eager_model, verify_eager_weights
-from paretoq_export.atomic import write_bytes_atomic
-from qat.grids import format_bits
+from paretoq_export.canonical.atomic import write_bytes_atomic
+from paretoq_export.canonical.checkpoint import open_checkpoint
+from paretoq_export.canonical.grids import format_bits
+from paretoq_export.canonical.model_description import ModelDescription
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 EMBEDDING_BITS = (4, 8)
 DEFAULT_MAX_SEQ_LEN = 1024
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what ExecuTorch's runner loads (HF json, SentencePiece)
@@ -74,20 +74,8 @@ class ExecuTorchExportResult:
         return all(self.delegation.count(op)[1] == 0 for op in LINEAR_OPS + QUANT_OPS)
 
 
-def _load(checkpoint):
-    from paretoq_export.checkpoint import QuantizedCheckpoint
-
-    if isinstance(checkpoint, QuantizedCheckpoint):
-        return checkpoint, None
-    return QuantizedCheckpoint.load(checkpoint), Path(checkpoint)
-
-
 def _check_options(ckpt, options: ExecuTorchOptions) -> None:
-    model_type = ckpt.config.get("model_type")
-    if model_type not in SUPPORTED_ARCHS:
-        archs = ckpt.config.get("architectures") or model_type
-        raise ExecuTorchExportError(f"architecture {archs!r} is not supported by the ExecuTorch exporter: supported "
-                                    f"are {', '.join(SUPPORTED_ARCHS.values())}")
+    ModelDescription.from_config(ckpt.config, "ExecuTorch", ExecuTorchExportError)
     if options.target not in TARGETS:
         raise ExecuTorchExportError(f"unknown --target {options.target!r}: use one of {', '.join(TARGETS)}")
     limit = _max_positions(ckpt)
@@ -158,7 +146,7 @@ def export_executorch(checkpoint, output: str | os.PathLike | None = None,
 
     options = options or ExecuTorchOptions()
     t0 = time.perf_counter()
-    ckpt, ckpt_path = _load(checkpoint)
+    ckpt, ckpt_path = open_checkpoint(checkpoint)
     if options.max_seq_len is None:
         options = dataclasses.replace(options, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, _max_positions(ckpt)))
     _check_options(ckpt, options)
@@ -227,15 +215,6 @@ def _pack_lowbit(model) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- validation
-def reference_logits(ckpt, token_ids: Sequence[int]) -> np.ndarray:
-    """[T, V] float64 logits of the PyTorch reference (build_reference_model, float32, no cache)."""
-    import torch
-
-    model = ckpt.build_reference_model()
-    with torch.no_grad():
-        return model(torch.tensor([list(token_ids)], dtype=torch.long)).logits[0].double().numpy()
-
-
 def check_kv_decode(runner, token_ids: Sequence[int], prefill: int, new_tokens: int = 16,
                     reference: np.ndarray | None = None) -> dict:
     """KV-cached decode vs full recompute in the same runtime.
@@ -274,32 +253,3 @@ def check_kv_decode(runner, token_ids: Sequence[int], prefill: int, new_tokens: 
         out["decode_vs_reference"] = compare_logits(reference[prefill:-1], stepped[prefill:-1], targets)
         out["prefill_vs_reference"] = compare_logits(reference[prefill:-1], full[prefill:-1], targets)
     return out
-
-
-def validate_executorch(pte_path: str | os.PathLike, checkpoint, token_ids: Sequence[int] | np.ndarray,
-                        threads: int = 2, margin: float | None = None, kv_prefill: int | None = None,
-                        json_path: str | os.PathLike | None = None) -> dict:
-    """The .pte's logits in the ExecuTorch runtime vs the PyTorch reference on ``token_ids`` (one sequence;
-    KL, top-1, PPL ratio via compare_logits), and KV-cached decode vs full recompute. Writes
-    ``<file>.validation.json`` and returns the result."""
-    from runtime_tests.executorch_runner import ExecuTorchRunner
-    from runtime_tests.metrics import compare_logits
-
-    ckpt, _ = _load(checkpoint)
-    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-    runner = ExecuTorchRunner(pte_path, threads=threads)
-    if len(ids) >= runner.max_seq_len:
-        raise ExecuTorchExportError(f"{len(ids)} validation tokens do not fit max_seq_len {runner.max_seq_len}: "
-                                    "use fewer tokens or re-export with a larger --max-seq-len")
-    ref = reference_logits(ckpt, ids.tolist())
-    test = runner.logits(ids.tolist())
-    metrics = compare_logits(ref[:-1], test[:-1], ids[1:], margin=margin)
-    prefill = kv_prefill or max(1, len(ids) // 2)
-    kv = check_kv_decode(runner, ids.tolist(), prefill, new_tokens=min(16, runner.max_seq_len - prefill - 1),
-                         reference=ref)
-    result = {"pte": str(pte_path), "bytes": runner.nbytes, "tokens": int(len(ids)), "threads": threads,
-              "metadata": runner.metadata, "executorch_vs_reference": metrics, "kv_cache": kv}
-    json_path = Path(json_path) if json_path else Path(str(pte_path) + ".validation.json")
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    result["json"] = str(json_path)
-    return result

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qat.grids import Grid
+from paretoq_export.canonical.grids import GRIDS, Grid, integer_form
 
 TARGETS = ("x86", "x86-int8", "arm64")
 
@@ -45,29 +45,21 @@ class Container:
         return int(str(self.dtype).removeprefix("torch.int"))
 
 
-_X86 = {
-    "binary": Container(torch.int4, 2), "ternary": Container(torch.int4, 1), "seq2": Container(torch.int4, 2),
-    "lsq3": Container(torch.int4, 1), "lsq4": Container(torch.int4, 1), "lsq8": Container(torch.int8, 1),
-}
-_X86_INT8 = {name: Container(torch.int8, c.mult) for name, c in _X86.items()}
-# True bit widths; binary and 2-bit SEQ levels are half-integers, so they shift by -0.5 into a float zero point.
-_ARM64 = {
-    "binary": Container(torch.int1, 1, -0.5), "ternary": Container(torch.int2, 1), "seq2": Container(torch.int2, 1, -0.5),
-    "lsq3": Container(torch.int3, 1), "lsq4": Container(torch.int4, 1), "lsq8": Container(torch.int8, 1),
-}
-
-
 class ContainerError(ValueError):
     """A grid or target the ExecuTorch exporter cannot hold exactly; one line naming the problem and the fix."""
 
 
 def container_for(grid: Grid, target: str = "x86") -> Container:
-    table = {"x86": _X86, "x86-int8": _X86_INT8, "arm64": _ARM64}.get(target)
-    if table is None:
+    """x86: the grid's integer form (canonical.grids.integer_form) in int4 where it fits, else int8; x86-int8: the
+    same integers in int8. arm64: the true code width, half-integer levels shifted by -0.5 into the zero point."""
+    if target not in TARGETS:
         raise ContainerError(f"unknown --target {target!r}: use one of {', '.join(TARGETS)}")
-    if grid.name not in table:
+    if grid.name not in GRIDS:
         raise ContainerError(f"grid {grid.name} has no ExecuTorch container: re-quantize with bits 1, 1.58, 2, 3 or 4")
-    return table[grid.name]
+    if target == "arm64":
+        return Container(getattr(torch, f"int{grid.code_bits}"), 1, -(grid.zero % 1))
+    form = integer_form(grid)
+    return Container(torch.int4 if target == "x86" and form.fits_signed(4) else torch.int8, form.mult)
 
 
 def intx_weight(codes: torch.Tensor, step: torch.Tensor, grid: Grid, target: str = "x86",
@@ -127,8 +119,8 @@ def build_eager_model(ckpt, target: str = "x86", embedding_bits: int | None = No
     once and the fp32 copy XNNPACK would otherwise pack for lm_head disappears too."""
     from tqdm.auto import tqdm
 
-    from paretoq_export.checkpoint import QuantizedTensor
-    from qat.grids import grid_for_bits
+    from paretoq_export.canonical.checkpoint import QuantizedTensor
+    from paretoq_export.canonical.grids import grid_for_bits
 
     model = ckpt.build_reference_model()
     quantized = dict(ckpt.quantized)

@@ -23,24 +23,13 @@ from typing import ClassVar
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from qat.grids import Grid
+from paretoq_export.canonical.grids import Grid, integer_form
 
 QK_K = 256
 
 
 class NotExactError(ValueError):
     """The container cannot hold this tensor's grid values exactly."""
-
-
-def half_step(grid: Grid) -> bool:
-    """Grids with a half-integer zero (binary z=0.5, 2-bit SEQ z=1.5) need block scale s/2 and odd integers."""
-    return float(grid.zero) != int(grid.zero)
-
-
-def int_range(grid: Grid) -> tuple[int, int]:
-    """The integers k with w = (s * m) * k, m = 1/2 for half-step grids else 1: k = (q - z) / m."""
-    m = 0.5 if half_step(grid) else 1.0
-    return int(round(-grid.zero / m)), int(round((grid.n_codes - 1 - grid.zero) / m))
 
 
 def scaled_step(step: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
@@ -109,11 +98,11 @@ class _SymmetricEncoder(BlockEncoder):
     k_max: ClassVar[int]
 
     def holds(self, grid: Grid) -> bool:
-        lo, hi = int_range(grid)
-        return self.k_min <= lo and hi <= self.k_max
+        form = integer_form(grid)
+        return self.k_min <= form.low and form.high <= self.k_max
 
     def _why_not_exact_steps(self, step: np.ndarray, grid: Grid) -> str | None:
-        if not half_step(grid):
+        if integer_form(grid).mult == 1:
             return None  # d = s, already fp16
         _, exact = scaled_step(step, 0.5)
         if not exact.all():
@@ -122,10 +111,9 @@ class _SymmetricEncoder(BlockEncoder):
         return None
 
     def _encode_blocks(self, codes: np.ndarray, step: np.ndarray, grid: Grid) -> np.ndarray:
-        m = 0.5 if half_step(grid) else 1.0
-        # k = (q - z) / m, an exact small integer
-        k = ((codes.astype(np.int16) * 2 - int(round(2 * grid.zero))) // int(round(2 * m))).astype(np.int16)
-        d, _ = scaled_step(step, m)
+        form = integer_form(grid)
+        k = form.integers(codes.astype(np.int16), grid.zero).astype(np.int16)
+        d, _ = scaled_step(step, 1.0 / form.mult)
         return self._pack(k, d)
 
     def _pack(self, k: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -208,8 +196,8 @@ class Q2_K(BlockEncoder, ggml_type=GGMLQuantizationType.Q2_K):
 
     @staticmethod
     def _mins(grid: Grid) -> tuple[float, int]:
-        factor = 0.5 if half_step(grid) else 1.0
-        return factor, int(round(grid.zero / factor))
+        mult = integer_form(grid).mult
+        return 1.0 / mult, int(round(grid.zero * mult))
 
     def _why_not_exact_steps(self, step, grid):
         factor, _ = self._mins(grid)

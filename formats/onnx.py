@@ -1,8 +1,7 @@
 """ONNX writer for the canonical checkpoint: a KV-cache decoder whose quantized linears are com.microsoft MatMulNBits.
 
     export_onnx(checkpoint, output_dir, OnnxOptions())   -> OnnxExportResult
-    verify_onnx_readback(output_dir, checkpoint)         -> (formats.onnx_validate) every initializer decoded back
-    validate_onnx(output_dir, checkpoint, token_ids)     -> (formats.onnx_validate) read-back + logits + generation
+    verify_onnx_readback(output_dir, checkpoint)         -> (formats.onnx_readback) every initializer decoded back
 
 The output folder is what onnxruntime-genai loads: model.onnx (+ model.onnx.data above 2 GB), genai_config.json and
 the tokenizer files. MatMulNBits initializers come straight from the integer codes and fp16 steps
@@ -19,20 +18,20 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from formats.onnx_graph import MS_DOMAIN, DecoderGraph, DecoderSpec, GraphWriter, UnsupportedModelError, rotary_tables
+from formats.onnx_graph import MS_DOMAIN, DecoderGraph, GraphWriter, UnsupportedModelError, describe_model, rotary_tables
 from formats.onnx_nbits import MIN_BLOCK, NBitsError, choose_block_size, choose_encoding, encode_weight
-from paretoq_export.atomic import atomic_dir
-from qat.grids import format_bits
+from paretoq_export.canonical.atomic import atomic_dir
+from paretoq_export.canonical.checkpoint import open_checkpoint
+from paretoq_export.canonical.grids import format_bits
+from paretoq_export.canonical.model_description import ModelDescription
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 GENAI_CONFIG = "genai_config.json"
-VALIDATION_FILE = "validation.json"
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 2**24  # protobuf's 2 GB limit, with room for the graph itself
 PARETOQ_VERSION = "0.1.0"
 EMBED = "model.embed_tokens.weight"
@@ -79,14 +78,6 @@ class OnnxExportResult:
         for r in self.records:
             out[r.container] = out.get(r.container, 0) + 1
         return out
-
-
-def _load(checkpoint) -> tuple[Any, Path | None]:
-    from paretoq_export.checkpoint import QuantizedCheckpoint
-
-    if isinstance(checkpoint, QuantizedCheckpoint):
-        return checkpoint, None
-    return QuantizedCheckpoint.load(checkpoint), Path(checkpoint)
 
 
 def quantized_weight(ckpt, module: str):
@@ -160,7 +151,7 @@ def default_dirname(ckpt, options: OnnxOptions | None = None) -> str:
     return f"{_basename(ckpt)}-{tag}-onnx-acc{options.accuracy_level}"
 
 
-def genai_config(ckpt, spec: DecoderSpec) -> dict:
+def genai_config(ckpt, spec: ModelDescription) -> dict:
     """onnxruntime-genai's genai_config.json for this graph (names as formats.onnx_graph writes them). The graph
     concatenates past and new keys, so past and present do not share a buffer."""
     cfg = ckpt.config
@@ -220,8 +211,8 @@ def export_onnx(checkpoint, output: str | os.PathLike | None = None,
     next to a checkpoint given by path (else in the current directory)."""
     options = options or OnnxOptions()
     t0 = time.perf_counter()
-    ckpt, ckpt_path = _load(checkpoint)
-    spec = DecoderSpec.from_config(ckpt.config)
+    ckpt, ckpt_path = open_checkpoint(checkpoint)
+    spec = describe_model(ckpt.config)
     choose_block_size(MIN_BLOCK, options.max_block_size)  # fail on options before any work
     for q in ckpt.quantized.values():
         choose_encoding(q.grid, options.accuracy_level, options.seq2_bits)
@@ -259,7 +250,7 @@ def export_onnx(checkpoint, output: str | os.PathLike | None = None,
                             linears.records, builder.g.float_bytes)
 
 
-def _linear_modules(spec: DecoderSpec) -> list[str]:
+def _linear_modules(spec: ModelDescription) -> list[str]:
     names = ["lm_head"]
     for i in range(spec.n_layers):
         names += [f"model.layers.{i}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
@@ -267,7 +258,7 @@ def _linear_modules(spec: DecoderSpec) -> list[str]:
     return names
 
 
-def _write_folder(folder: Path, model: ir.Model, ckpt, spec: DecoderSpec, options: OnnxOptions) -> None:
+def _write_folder(folder: Path, model: ir.Model, ckpt, spec: ModelDescription, options: OnnxOptions) -> None:
     total = sum(v.const_value.nbytes for v in model.graph.initializers.values())
     external = options.external_data if options.external_data is not None else total > EXTERNAL_DATA_BYTES
     ir.save(model, folder / MODEL_FILE, external_data=DATA_FILE if external else None)

@@ -14,73 +14,34 @@ I/O, as onnxruntime-genai and optimum name them:
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
+from paretoq_export.canonical.model_description import ModelDescription, UnsupportedModelError  # noqa: F401
+
 OPSET = 23  # Attention, RotaryEmbedding, RMSNormalization
 IR_VERSION = 11
 MS_DOMAIN = "com.microsoft"
-_ARCHS = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}  # model_type -> transformers class prefix
-_HF_ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 _MASKED = float(np.finfo(np.float32).min)  # additive mask value, as transformers' eager attention uses
 
 
-class UnsupportedModelError(ValueError):
-    """A model the ONNX exporter cannot write; one line naming the problem and the fix."""
+def describe_model(config: dict) -> ModelDescription:
+    """The model description, refused (UnsupportedModelError, one line) where this graph cannot express it."""
+    model = ModelDescription.from_config(config, "ONNX")
+    if model.hidden_act != "silu":
+        raise UnsupportedModelError(f"hidden_act {model.hidden_act!r} is not supported by the ONNX exporter (silu only)")
+    if model.sliding_window:
+        raise UnsupportedModelError("sliding-window attention is not supported by the ONNX exporter: export a "
+                                    "config with use_sliding_window false")
+    if model.partial_rotary_factor != 1.0:
+        raise UnsupportedModelError("partial rotary embeddings are not supported by the ONNX exporter")
+    return model
 
 
-@dataclass(frozen=True)
-class DecoderSpec:
-    model_type: str
-    n_layers: int
-    hidden: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    vocab: int
-    rms_eps: float
-    max_positions: int
-    qk_norm: bool  # Qwen3: RMSNorm on each head of q and k before rotary
-    tied: bool
-
-    @classmethod
-    def from_config(cls, config: dict) -> "DecoderSpec":
-        model_type = config.get("model_type")
-        if model_type not in _ARCHS:
-            for arch in config.get("architectures") or ():
-                model_type = _HF_ARCHS.get(arch, model_type)
-        if model_type not in _ARCHS:
-            supported = ", ".join(_HF_ARCHS)
-            raise UnsupportedModelError(f"architecture {config.get('architectures') or model_type!r} is not supported "
-                                        f"by the ONNX exporter: supported are {supported}")
-        act = config.get("hidden_act", "silu")
-        if act != "silu":
-            raise UnsupportedModelError(f"hidden_act {act!r} is not supported by the ONNX exporter (silu only)")
-        if config.get("use_sliding_window") and config.get("sliding_window"):
-            raise UnsupportedModelError("sliding-window attention is not supported by the ONNX exporter: export a "
-                                        "config with use_sliding_window false")
-        if float(config.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
-            raise UnsupportedModelError("partial rotary embeddings are not supported by the ONNX exporter")
-        n_heads = int(config["num_attention_heads"])
-        return cls(
-            model_type=model_type, n_layers=int(config["num_hidden_layers"]), hidden=int(config["hidden_size"]),
-            n_heads=n_heads, n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
-            head_dim=int(config.get("head_dim") or config["hidden_size"] // n_heads), vocab=int(config["vocab_size"]),
-            rms_eps=float(config.get("rms_norm_eps", 1e-6)),
-            max_positions=int(config.get("max_position_embeddings") or 2048),
-            qk_norm=model_type == "qwen3", tied=bool(config.get("tie_word_embeddings", False)),
-        )
-
-    @property
-    def transformers_prefix(self) -> str:
-        return _ARCHS[self.model_type]
-
-
-def rotary_tables(config: dict, spec: DecoderSpec) -> tuple[np.ndarray, np.ndarray]:
+def rotary_tables(config: dict, spec: ModelDescription) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin caches [max_positions, head_dim/2], computed as transformers' rotary module computes them per call
     (inv_freq * position in float32, then cos/sin times attention_scaling), so rope variants come for free."""
     import torch
@@ -145,7 +106,7 @@ TensorSource = Callable[[str], "np.ndarray | None"]  # HF tensor name -> float32
 class DecoderGraph:
     """Builds the whole decoder: ``build()`` returns the onnx_ir Model."""
 
-    def __init__(self, spec: DecoderSpec, cos: np.ndarray, sin: np.ndarray, tensor: TensorSource,
+    def __init__(self, spec: ModelDescription, cos: np.ndarray, sin: np.ndarray, tensor: TensorSource,
                  linear: LinearEmitter, progress: Callable | None = None):
         self.spec, self.cos, self.sin = spec, cos, sin
         self.tensor, self.emit_linear = tensor, linear

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from paretoq_export.packing import pack_codes as pack_row_codes
-from qat.grids import Grid
+from paretoq_export.canonical.grids import Grid, integer_form
+from paretoq_export.canonical.packing import pack_codes as pack_row_codes
 
 SUPPORTED_BITS = (2, 4, 8)
 MIN_BLOCK, MAX_BLOCK = 16, 128
@@ -43,13 +43,12 @@ class NBitsEncoding:
 
 
 def _integer_encoding(grid: Grid, bits: int) -> NBitsEncoding | None:
-    """The default-zero-point encoding of ``grid`` in ``bits``, if one exists (mul 1 for integer z, 2 for half z)."""
-    default = 2 ** (bits - 1)
-    for mul in (1, 2):
-        add = default - mul * grid.zero
-        if add == int(add) and add >= 0 and add + mul * (grid.n_codes - 1) < 2**bits:
-            return NBitsEncoding(bits, mul, int(add), None)
-    return None
+    """The default-zero-point encoding of ``grid`` in ``bits``, if its integer form fits: container code =
+    k + 2^(bits-1) with k = mult * (q - z) (canonical.grids.integer_form)."""
+    form = integer_form(grid)
+    if not form.fits_signed(bits):
+        return None
+    return NBitsEncoding(bits, form.mult, 2 ** (bits - 1) + form.low, None)
 
 
 def choose_encoding(grid: Grid, accuracy_level: int, seq2_bits: int = 2) -> NBitsEncoding:

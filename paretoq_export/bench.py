@@ -2,7 +2,7 @@
 
     paretoq-export bench A.gguf B.gguf model-onnx/ m.pte [--threads 2] [--repeats 5] [--pp 128] [--tg 64] [--json OUT]
 
-Each artifact runs in its own fresh process (runtime_tests.bench_worker), so its peak RSS (VmHWM) and load time are
+Each artifact runs in its own fresh process (paretoq_export.bench_worker), so its peak RSS (VmHWM) and load time are
 its own: GGUF in llama.cpp (llama-cpp-python, F16 KV cache, last-token logits), an ONNX decoder folder (or its
 model.onnx) in onnxruntime, a .pte in the ExecuTorch runtime. ``repeats`` runs of one pp-token prefill and tg
 single-token decode steps give median, min and max tokens/s. Decode on a CPU is bounded by memory bandwidth: the
@@ -30,62 +30,41 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from paretoq_export.atomic import atomic_file, write_text_atomic
-from runtime_tests.bandwidth import (
-    cpu_cores, cpu_name, decode_bound_tps, decode_bytes, mean_decode_context, measure_read_bandwidth,
-)
+from formats.protocol import ArtifactError, ExportFormat
+from formats.registry import detect_artifact
+from paretoq_export.canonical.atomic import atomic_file, write_text_atomic
+from runtime_tests.bandwidth import cpu_cores, cpu_name, decode_bound_tps, mean_decode_context, measure_read_bandwidth
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-WORKER = "runtime_tests.bench_worker"
+WORKER = "paretoq_export.bench_worker"
 
 
 class BenchError(ValueError):
     """A benchmark the user can fix (bad path, unknown format, a runtime refusing the file): one line."""
 
 
-def detect_format(path: str | os.PathLike) -> str:
-    """gguf (.gguf file), onnx (a folder with genai_config.json, or its .onnx file), executorch (.pte)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"artifact {path} not found: give a .gguf file, an ONNX folder (or its model.onnx) "
-                                "or a .pte file")
-    if path.is_file() and path.suffix == ".gguf":
-        return "gguf"
-    if path.is_file() and path.suffix == ".pte":
-        return "executorch"
-    folder = path if path.is_dir() else path.parent
-    if (path.is_dir() or path.suffix == ".onnx") and (folder / "genai_config.json").is_file():
-        return "onnx"
-    if path.is_dir() or path.suffix == ".onnx":
-        raise BenchError(f"{folder} has no genai_config.json: not an ONNX decoder folder (bench runs the folders "
-                         "`paretoq-export --format onnx` writes, or .gguf / .pte files)")
-    raise BenchError(f"{path} is not a benchmarkable artifact: expected .gguf, .pte or an ONNX decoder folder")
-
-
-def artifact_size_bytes(path: str | os.PathLike, fmt: str) -> int:
-    """The bytes that hold the model: the file, or an ONNX folder's model.onnx (+ external data); tokenizer and
-    config files excluded (the same rule as the exporters' reported sizes)."""
-    path = Path(path)
-    if fmt == "onnx":
-        folder = path if path.is_dir() else path.parent
-        return sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx"))
-    return path.stat().st_size
+def detect_format(path: str | os.PathLike) -> ExportFormat:
+    """The artifact's format (formats.registry), or a BenchError naming the path."""
+    try:
+        return detect_artifact(path)[0]
+    except ArtifactError as exc:
+        raise BenchError(f"{path} is not a benchmarkable artifact: {exc}") from None
 
 
 def _spread(values: Sequence[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def _run_worker(path: Path, fmt: str, threads: int, repeats: int, pp: int, tg: int) -> dict:
+def _run_worker(path: Path, fmt: ExportFormat, threads: int, repeats: int, pp: int, tg: int) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    cmd = [sys.executable, "-m", WORKER, str(path), "--format", fmt, "--threads", str(threads),
+    cmd = [sys.executable, "-m", WORKER, str(path), "--format", fmt.name, "--threads", str(threads),
            "--repeats", str(repeats), "--pp", str(pp), "--tg", str(tg)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error: ")]
         reason = lines[-1][len("error: "):] if lines else (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise BenchError(f"benchmarking {path} failed ({fmt} worker exit {proc.returncode}): {reason}")
+        raise BenchError(f"benchmarking {path} failed ({fmt.name} worker exit {proc.returncode}): {reason}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -108,11 +87,12 @@ def bench_artifacts(paths: Sequence[str | os.PathLike], threads: int = 2, repeat
     disable = None if progress is None else not progress
     for path, fmt in tqdm(list(zip(map(Path, paths), formats)), desc="bench", unit="artifact", disable=disable):
         raw = _run_worker(path, fmt, threads, repeats, pp, tg)
-        per_token = decode_bytes(path, fmt, context)
+        runtime_path = detect_artifact(path)[1]
+        per_token = fmt.decode_bytes(runtime_path, context)
         pp_tps, tg_tps = _spread(raw["pp_tps"]), _spread(raw["tg_tps"])
         bound = decode_bound_tps(bandwidth, per_token.total)
         results.append({
-            "artifact": str(path), "format": fmt, "size_bytes": artifact_size_bytes(path, fmt),
+            "artifact": str(path), "format": fmt.name, "size_bytes": fmt.artifact_bytes(runtime_path),
             "load_s": raw["load_s"], "pp_tps": pp_tps, "tg_tps": tg_tps, "peak_rss_mib": raw["peak_rss_mib"],
             "bytes_per_token": per_token.total, "bound_tg_tps": bound, "fraction_of_bound": tg_tps["median"] / bound,
             "weight_bytes_per_token": per_token.weights, "kv_bytes_per_token": per_token.kv_cache,
@@ -198,7 +178,7 @@ def llama_quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: str = 
 def float_baselines(output_dir: str | os.PathLike, types: Sequence[str] = ("F16", "Q4_0"), model: str | None = None,
                     threads: int = 2) -> list[Path]:
     """GGUF baselines of the float model, the files a llama.cpp user would compare with: F16 written by our exporter
-    from QuantizedCheckpoint.from_float_model (every 2-D tensor F16, as llama.cpp's converter does), every other type
+    from QATCheckpoint.from_float_model (every 2-D tensor F16, as llama.cpp's converter does), every other type
     made from that F16 file by llama.cpp's own quantizer. Files already there are reused."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -209,11 +189,11 @@ def float_baselines(output_dir: str | os.PathLike, types: Sequence[str] = ("F16"
     f16 = out / "baseline-F16.gguf"
     if not f16.is_file():
         from formats.gguf import GGUFOptions, export_gguf
-        from paretoq_export.checkpoint import QuantizedCheckpoint
+        from qat.checkpoint_io import QATCheckpoint
         from paretoq_export.model_source import load_model
 
         source = load_model(model)
-        ckpt = QuantizedCheckpoint.from_float_model(source.model, source.tokenizer,
+        ckpt = QATCheckpoint.from_float_model(source.model, source.tokenizer,
                                                     recipe={"base_model": source.base_model})
         export_gguf(ckpt, f16, GGUFOptions(tensor_types=[".*=F16"], allow_lossy=True, progress=False))
     paths = []
@@ -223,6 +203,9 @@ def float_baselines(output_dir: str | os.PathLike, types: Sequence[str] = ("F16"
             llama_quantize(f16, path, t, threads=threads)
         paths.append(path)
     return paths
+
+
+HELP = "prefill/decode speed, memory, size and load time of exported files"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

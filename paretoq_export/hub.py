@@ -213,6 +213,9 @@ def format_plan(result: PushResult, revision: str | None, private: bool) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- CLI
+HELP = "upload an output folder (with its model card) to the Hugging Face Hub"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output_dir", help="the folder to upload (exported files, validate/bench JSON, README.md)")
     parser.add_argument("--repo-id", required=True, help="model repo USER/NAME or ORG/NAME (created if missing)")

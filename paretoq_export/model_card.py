@@ -7,8 +7,8 @@ Everything on the card is read from the folder, never assumed:
 - one row per exported file: GGUF tensor types and sizes through ``gguf.GGUFReader``, ONNX MatMulNBits containers
   and initializer sizes through ``onnx`` (graph only, external data untouched), ExecuTorch .pte sizes and the
   target recorded in its name;
-- accuracy from ``validate*.json`` and speed from ``bench*.json`` files (the schemas of ``paretoq-export validate``
-  and ``bench``); a ``pareto.md`` is linked.
+- accuracy from the validation reports (``validate*.json`` and the exporters' ``*.validation.json``, one schema:
+  formats.validation) and speed from ``bench*.json`` files (``paretoq-export bench``); a ``pareto.md`` is linked.
 
 A section whose data is missing is left out. The front matter is built with huggingface_hub's ModelCardData
 (base_model, base_model_relation: quantized, library_name, tags, license, pipeline_tag) and the file is written
@@ -24,18 +24,19 @@ import math
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from paretoq_export.atomic import write_text_atomic
+from formats.protocol import ArtifactSummary, count_text
+from formats.registry import FORMATS
+from formats.validation import REPORT_SUFFIX
+from paretoq_export.canonical.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
 CARD_FILE = "README.md"
 CHECKPOINT_CONFIG = "config.json"
-ONNX_MODEL = "model.onnx"
-ONNX_DATA = "model.onnx.data"
 PARETO_PAGE = "pareto.md"
 EXAMPLE_PROMPT = "The capital of France is"
 # Hub repo ids: "org/name" (base_model must name a Hub model, or the Hub rejects the card's metadata)
@@ -44,7 +45,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SKIPPED_NAME = re.compile(r"(\.partial-|\.old-\d+|\.tmp$|\.train$|^__pycache__$)")
 _BIT_TAGS = {1.0: ("1-bit", "binary"), 1.58: ("1.58-bit", "ternary"), 2.0: ("2-bit",), 3.0: ("3-bit",),
              4.0: ("4-bit",), 8.0: ("8-bit",)}
-_FORMAT_LIBRARY = {"GGUF": "gguf", "ONNX": "onnx", "ExecuTorch": "executorch"}  # library_name, in preference order
+_FORMAT_LIBRARY = {f.title: f.library for f in FORMATS.values()}  # library_name, in preference order
 _FORMAT_ORDER = [*_FORMAT_LIBRARY, "checkpoint"]
 _METHODS = {
     "qat": "ParetoQ quantization-aware training",
@@ -71,21 +72,6 @@ class CheckpointSummary:
 
     def module_bits(self) -> dict[str, float]:
         return {name: float(info["bits"]) for name, info in (self.quantization.get("modules") or {}).items()}
-
-
-@dataclass
-class ArtifactSummary:
-    path: Path  # relative to the output folder (an ONNX folder for ONNX)
-    format: str  # "GGUF" | "ONNX" | "ExecuTorch"
-    size_bytes: int
-    containers: str  # e.g. "Q2_K x84, Q4_0 x14, F32 x9" (count of tensors per container)
-    linear_bpw: float | None = None  # stored bits per weight of the quantized linears
-    total_bpw: float | None = None  # stored bits per weight over every tensor of the file
-    bits: list[float] = field(default_factory=list)  # the ParetoQ bit-widths the file holds
-    license: str | None = None
-    base_model: str | None = None
-    recipe: dict | None = None  # paretoq.recipe embedded in the file
-    notes: list[str] = field(default_factory=list)
 
 
 def _skipped(name: str) -> bool:
@@ -118,7 +104,7 @@ def _is_paretoq_config(path: Path) -> bool:
 
 def read_checkpoint(path: Path) -> CheckpointSummary:
     """config.json and the parameter count (safetensors header only: the weights are not loaded)."""
-    from paretoq_export.checkpoint import WEIGHTS_FILE
+    from paretoq_export.canonical.checkpoint import WEIGHTS_FILE
 
     config_file = path / CHECKPOINT_CONFIG
     if not config_file.is_file() or not _is_paretoq_config(config_file):
@@ -149,7 +135,7 @@ def describe_checkpoint(ckpt: CheckpointSummary, root: Path) -> ArtifactSummary:
     """The canonical checkpoint as a file of the repo: packed codes + fp16 steps, sizes from the safetensors header."""
     from safetensors import safe_open
 
-    from paretoq_export.checkpoint import WEIGHTS_FILE
+    from paretoq_export.canonical.checkpoint import WEIGHTS_FILE
 
     modules = ckpt.quantization.get("modules") or {}
     weights = ckpt.path / WEIGHTS_FILE
@@ -166,10 +152,10 @@ def describe_checkpoint(ckpt: CheckpointSummary, root: Path) -> ArtifactSummary:
     return ArtifactSummary(
         path=ckpt.path.resolve().relative_to(root.resolve()), format="checkpoint", size_bytes=sum(
             p.stat().st_size for p in ckpt.path.iterdir() if p.is_file()),
-        containers="packed codes + fp16 row steps: " + _count_text(grids),
+        containers="packed codes + fp16 row steps: " + count_text(grids),
         linear_bpw=8 * lin_bytes / lin_elems if lin_elems else None,
         total_bpw=8 * total_bytes / ckpt.n_params if ckpt.n_params else None,
-        bits=sorted(set(ckpt.module_bits().values())),
+        bits=sorted(set(ckpt.module_bits().values())), folder=True,
     )
 
 
@@ -177,143 +163,45 @@ _SAFETENSORS_ITEMSIZE = {"U8": 1, "I8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16"
                          "I64": 8}
 
 
-def _field(reader, key: str) -> Any:
-    f = reader.get_field(key)
-    return f.contents() if f is not None else None
-
-
-def describe_gguf(path: Path, root: Path) -> ArtifactSummary:
-    """Tensor types, sizes and ParetoQ metadata of a GGUF file (header and tensor table only)."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
-    tensors = list(reader.tensors)
-    counts = Counter(t.tensor_type.name for t in tensors)
-    quantized = set(_field(reader, "paretoq.quantized_tensors") or []) - {""}
-    total_bytes = sum(int(t.n_bytes) for t in tensors)
-    total_elems = sum(int(t.n_elements) for t in tensors)
-    lin = [t for t in tensors if t.name in quantized]
-    lin_elems = sum(int(t.n_elements) for t in lin)
-    recipe_text = _field(reader, "paretoq.recipe")
-    try:
-        recipe = json.loads(recipe_text) if recipe_text else None
-    except json.JSONDecodeError:
-        recipe = None
-    org, name = _field(reader, "general.base_model.0.organization"), _field(reader, "general.base_model.0.name")
-    base = f"{org}/{name}" if org and name else None
-    notes = []
-    if "Q2_0" in counts:
-        notes.append("Q2_0 tensors need a llama.cpp recent enough to have ggml type Q2_0 (the one vendored in "
-                     "llama-cpp-python 0.3.36 has it; it has no x86 SIMD kernel, so it is slow on x86)")
-    lossy = [x for x in (_field(reader, "paretoq.lossy_tensors") or []) if x]
-    if lossy:
-        notes.append(f"{len(lossy)} tensors were stored in a lossy type on request (--allow-lossy)")
-    return ArtifactSummary(
-        path=path.relative_to(root), format="GGUF", size_bytes=path.stat().st_size,
-        containers=_count_text(counts),
-        linear_bpw=8 * sum(int(t.n_bytes) for t in lin) / lin_elems if lin_elems else None,
-        total_bpw=8 * total_bytes / total_elems if total_elems else None,
-        bits=sorted({float(b) for b in (_field(reader, "paretoq.tensor_bits") or []) if b}),
-        license=_field(reader, "general.license"), base_model=base, recipe=recipe, notes=notes,
-    )
-
-
-def _count_text(counts: Counter) -> str:
-    return ", ".join(f"{name} x{n}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
-def describe_onnx(folder: Path, root: Path) -> ArtifactSummary:
-    """MatMulNBits containers and stored bytes of an ONNX decoder folder, from the graph (external data unread)."""
-    import onnx
-    from onnx.helper import tensor_dtype_to_np_dtype
-
-    model = onnx.load(str(folder / ONNX_MODEL), load_external_data=False)
-    meta = {p.key: p.value for p in model.metadata_props}
-    inits = {t.name: t for t in model.graph.initializer}
-
-    def nbytes(name: str) -> int:
-        t = inits.get(name)
-        return math.prod(t.dims) * tensor_dtype_to_np_dtype(t.data_type).itemsize if t is not None else 0
-
-    counts: Counter = Counter()
-    packed_names: set[str] = set()
-    lin_bytes = lin_elems = 0
-    for node in model.graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        counts[f"MatMulNBits {attrs.get('bits', 4)}-bit/{attrs.get('block_size')}"] += 1
-        names = [n for n in node.input[1:4] if n in inits]
-        packed_names.update(names)
-        lin_bytes += sum(nbytes(n) for n in names)
-        lin_elems += int(attrs["K"]) * int(attrs["N"])
-    other = [n for n in inits if n not in packed_names]
-    counts.update(f"{onnx.TensorProto.DataType.Name(inits[n].data_type)}" for n in other)
-    total_bytes = lin_bytes + sum(nbytes(n) for n in other)
-    total_elems = lin_elems + sum(math.prod(inits[n].dims) for n in other)
-    size = sum((folder / f).stat().st_size for f in (ONNX_MODEL, ONNX_DATA) if (folder / f).is_file())
-    try:
-        recipe = json.loads(meta["paretoq.recipe"]) if "paretoq.recipe" in meta else None
-        linears = json.loads(meta.get("paretoq.quantized_linears", "{}"))
-    except json.JSONDecodeError:
-        recipe, linears = None, {}
-    notes = []
-    if "paretoq.accuracy_level" in meta:
-        level = meta["paretoq.accuracy_level"]
-        notes.append(f"accuracy_level {level}: " + ("float activations (exact)" if level == "0"
-                                                     else "onnxruntime quantizes activations to int8 (faster)"))
-    return ArtifactSummary(
-        path=folder.relative_to(root), format="ONNX", size_bytes=size, containers=_count_text(counts),
-        linear_bpw=8 * lin_bytes / lin_elems if lin_elems else None,
-        total_bpw=8 * total_bytes / total_elems if total_elems else None,
-        bits=sorted({float(v["bits"]) for v in linears.values() if v.get("bits")}), recipe=recipe, notes=notes,
-    )
-
-
-def describe_pte(path: Path, root: Path, n_params: int | None) -> ArtifactSummary:
-    """An ExecuTorch program: its size, and the target its writer recorded in the file name."""
-    name = path.name
-    if name.endswith("-xnnpack.pte"):
-        containers = "int4 per-channel codes, XNNPACK (int8 dynamic activations)"
-    elif name.endswith("-arm64-lowbit.pte"):
-        containers = "torchao low-bit kernels (Arm64 builds only)"
-    else:
-        containers = "ExecuTorch program"
-    notes = []
-    emb = re.search(r"-emb(\d+)-", name)
-    if emb:
-        containers += f"; {emb.group(1)}-bit embedding"
-        notes.append(f"the float embedding table was rounded to {emb.group(1)} bits per row at export (lossy)")
-    size = path.stat().st_size
-    return ArtifactSummary(path=path.relative_to(root), format="ExecuTorch", size_bytes=size, containers=containers,
-                           total_bpw=8 * size / n_params if n_params else None, notes=notes)
-
-
 def find_artifacts(output_dir: Path, n_params: int | None = None) -> list[ArtifactSummary]:
+    """Every exported file or folder below ``output_dir``, described by its format (formats.registry order)."""
     found: list[ArtifactSummary] = []
     for dirpath, _, filenames in _walk(output_dir):
-        if ONNX_MODEL in filenames:
-            found.append(describe_onnx(dirpath, output_dir))
-        for name in filenames:
-            if name.endswith(".gguf"):
-                found.append(describe_gguf(dirpath / name, output_dir))
-            elif name.endswith(".pte"):
-                found.append(describe_pte(dirpath / name, output_dir, n_params))
+        for fmt in FORMATS.values():
+            found += [fmt.describe(path, output_dir, n_params) for path in fmt.artifacts_in(dirpath, filenames)]
     return sorted(found, key=lambda a: (_FORMAT_ORDER.index(a.format), str(a.path)))
 
 
+def _read_json(path: Path, remedy: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelCardError(f"{path} is not valid JSON ({exc}): {remedy} or remove it") from None
+    if not isinstance(data, dict):
+        raise ModelCardError(f"{path} does not hold a JSON object: {remedy} or remove it")
+    return data
+
+
 def _read_json_files(output_dir: Path, prefix: str) -> list[tuple[Path, dict]]:
-    out = []
-    for path in sorted(output_dir.glob(f"{prefix}*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ModelCardError(f"{path} is not valid JSON ({exc}): re-run `paretoq-export {prefix.rstrip('_')}` "
-                                 "or remove it") from None
-        if not isinstance(data, dict):
-            raise ModelCardError(f"{path} does not hold a JSON object: re-run `paretoq-export {prefix}` or remove it")
-        out.append((path, data))
-    return out
+    remedy = f"re-run `paretoq-export {prefix.rstrip('_')}`"
+    return [(path, _read_json(path, remedy)) for path in sorted(output_dir.glob(f"{prefix}*.json"))]
+
+
+def _validation_reports(output_dir: Path) -> list[tuple[Path, dict]]:
+    """Every validation report in the folder, all in formats.validation's schema: ``validate*.json`` from
+    `paretoq-export validate`, then the exporters' own (``<file>.validation.json``, ``validation.json`` inside an
+    ONNX folder) for files no validate*.json already covers."""
+    reports = _read_json_files(output_dir, "validate")
+    covered = {Path(r.get("artifact") or "").name for _, r in reports}
+    for dirpath, _, filenames in _walk(output_dir):
+        for name in sorted(filenames):
+            if not (name.endswith(REPORT_SUFFIX) or name == REPORT_SUFFIX.lstrip(".")):
+                continue
+            path = dirpath / name
+            report = _read_json(path, "re-run the export with --validate")
+            if "metrics" in report and Path(report.get("artifact") or "").name not in covered:
+                reports.append((path, report))
+    return reports
 
 
 # ----------------------------------------------------------------------------------------------- formatting
@@ -337,7 +225,7 @@ def _num(value: Any, fmt: str) -> str:
 
 
 def _bits_text(bits: float) -> str:
-    from qat.grids import format_bits
+    from paretoq_export.canonical.grids import format_bits
 
     return format_bits(bits) + (" (ternary)" if bits == 1.58 else " (binary)" if bits == 1.0 else "")
 
@@ -381,7 +269,7 @@ def _recipe_rows(recipe: dict, checkpoint: CheckpointSummary | None, artifacts: 
             rows.append([label, f"{value:g}" if value is not None else f"not quantized ({float_dtype})"])
     per_bits = Counter(checkpoint.module_bits().values()) if checkpoint is not None else Counter()
     if per_bits:
-        from qat.grids import format_bits
+        from paretoq_export.canonical.grids import format_bits
 
         counts = (f"{n} at {format_bits(b)}-bit" for b, n in sorted(per_bits.items()))
         rows.append(["Quantized matrices", ", ".join(counts)])
@@ -416,7 +304,7 @@ def _recipe_rows(recipe: dict, checkpoint: CheckpointSummary | None, artifacts: 
 
 
 def _files_section(artifacts: list[ArtifactSummary]) -> str:
-    rows = [[f"`{a.path.as_posix()}" + ("/`" if a.format in ("ONNX", "checkpoint") else "`"), a.format, a.containers,
+    rows = [[f"`{a.path.as_posix()}" + ("/`" if a.folder else "`"), a.format, a.containers,
              _num(a.linear_bpw, ".3f"), _num(a.total_bpw, ".3f"), format_size(a.size_bytes)] for a in artifacts]
     text = _table(["File", "Format", "Containers (tensor count)", "Bits/weight (quantized linears)",
                    "Bits/weight (all tensors)", "Size"], rows)
@@ -517,97 +405,18 @@ def _how_to_run(artifacts: list[ArtifactSummary], repo_id: str | None) -> str:
     if repo_id:
         parts.append(f"Download the files with `hf download {repo_id} --local-dir {repo_id.split('/')[-1]}` (or one "
                      f"file: `hf download {repo_id} FILE --local-dir .`).")
-    if "GGUF" in by_format:
-        f = by_format["GGUF"][0].path.as_posix()
-        parts.append(
-            "### llama.cpp (GGUF)\n\n"
-            f"```bash\nllama-cli -m {f} -p \"{EXAMPLE_PROMPT}\" -n 64\nllama-server -m {f}   # OpenAI-compatible "
-            "server on port 8080\n```\n\n"
-            "llama-cpp-python:\n\n"
-            f"```python\nfrom llama_cpp import Llama\n\nllm = Llama(model_path=\"{f}\", n_ctx=2048)\n"
-            f"print(llm(\"{EXAMPLE_PROMPT}\", max_tokens=64)[\"choices\"][0][\"text\"])\n```"
-            "\n\nNever re-quantize these files with llama-quantize: their tensors already hold the trained grid "
-            "exactly.")
-    if "ONNX" in by_format:
-        d = by_format["ONNX"][0].path.as_posix()
-        parts.append(
-            "### onnxruntime (ONNX)\n\n"
-            "onnxruntime-genai reads the folder as it is (`genai_config.json` is inside):\n\n"
-            f"```python\nimport onnxruntime_genai as og\n\nmodel = og.Model(\"{d}\")\ntokenizer = og.Tokenizer(model)\n"
-            "params = og.GeneratorParams(model)\nparams.set_search_options(max_length=64)\n"
-            "generator = og.Generator(model, params)\n"
-            f"generator.append_tokens(tokenizer.encode(\"{EXAMPLE_PROMPT}\"))\n"
-            "while not generator.is_done():\n    generator.generate_next_token()\n"
-            "print(tokenizer.decode(generator.get_sequence(0)))\n```\n\n"
-            "Plain onnxruntime, greedy decoding with the KV cache:\n\n"
-            f"```python\n{onnxruntime_snippet(d)}```")
-    if "ExecuTorch" in by_format:
-        f = by_format["ExecuTorch"][0].path.as_posix()
-        tok_dir = Path(f).parent.as_posix()
-        parts.append(
-            "### ExecuTorch (.pte)\n\n"
-            "ExecuTorch's LLM runner (`examples/models/llama`, built with XNNPACK), with the tokenizer file beside "
-            "the program:\n\n"
-            f"```bash\nllama_main --model_path={f} --tokenizer_path={tok_dir}/tokenizer.json "
-            f"--prompt=\"{EXAMPLE_PROMPT}\" --seq_len=128\n```\n\n"
-            "Python (`pip install executorch`):\n\n"
-            f"```python\n{executorch_snippet(f, tok_dir)}```")
+    for fmt in FORMATS.values():
+        if fmt.title in by_format:
+            parts.append(fmt.how_to_run(by_format[fmt.title][0].path.as_posix(), EXAMPLE_PROMPT))
     if "checkpoint" in by_format:
         d = by_format["checkpoint"][0].path.as_posix()
         parts.append(
             "### PyTorch (the canonical checkpoint)\n\n"
             f"`{d}/` holds the integer codes and fp16 steps every file above was written from; with paretoq-export:"
-            f"\n\n```python\nfrom paretoq_export.checkpoint import QuantizedCheckpoint\n\n"
+            f"\n\n```python\nfrom paretoq_export.canonical.checkpoint import QuantizedCheckpoint\n\n"
             f"model = QuantizedCheckpoint.load(\"{d}\").build_reference_model()  # transformers model, exact weights\n"
             f"tokenizer = QuantizedCheckpoint.load(\"{d}\").load_tokenizer()\n```")
     return "\n\n".join(parts)
-
-
-def onnxruntime_snippet(folder: str) -> str:
-    """Greedy generation from an exported ONNX folder with plain onnxruntime (tested in tests/test_model_card.py)."""
-    return f'''import json
-
-import numpy as np
-import onnxruntime as ort
-from transformers import AutoTokenizer
-
-folder = "{folder}"
-decoder = json.load(open(f"{{folder}}/genai_config.json"))["model"]["decoder"]
-session = ort.InferenceSession(f"{{folder}}/model.onnx", providers=["CPUExecutionProvider"])
-tokenizer = AutoTokenizer.from_pretrained(folder)
-ids = tokenizer("{EXAMPLE_PROMPT}", return_tensors="np").input_ids
-empty = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), np.float32)
-past = {{f"past_key_values.{{i}}.{{kv}}": empty
-        for i in range(decoder["num_hidden_layers"]) for kv in ("key", "value")}}
-step, generated = ids, []
-for _ in range(32):
-    n_past = next(iter(past.values())).shape[2]
-    logits, *present = session.run(None, {{
-        "input_ids": step, "attention_mask": np.ones((1, n_past + step.shape[1]), np.int64),
-        "position_ids": np.arange(n_past, n_past + step.shape[1], dtype=np.int64)[None], **past}})
-    past = dict(zip(past, present))
-    step = logits[:, -1:].argmax(-1)
-    generated.append(int(step[0, 0]))
-print(tokenizer.decode(generated))
-'''
-
-
-def executorch_snippet(pte: str, tokenizer_dir: str) -> str:
-    """Greedy generation from a .pte with executorch.runtime (tested in tests/test_model_card.py when available)."""
-    return f'''import torch
-from executorch.runtime import Runtime
-from transformers import PreTrainedTokenizerFast
-
-tokenizer = PreTrainedTokenizerFast(tokenizer_file="{tokenizer_dir}/tokenizer.json")
-forward = Runtime.get().load_program("{pte}").load_method("forward")
-ids = tokenizer("{EXAMPLE_PROMPT}").input_ids
-logits = forward.execute([torch.tensor([ids]), torch.arange(len(ids))])[0]  # [1, tokens, vocab]
-generated = []
-for pos in range(len(ids), len(ids) + 32):
-    generated.append(int(logits[0, -1].argmax()))
-    logits = forward.execute([torch.tensor([[generated[-1]]]), torch.tensor([pos])])[0]
-print(tokenizer.decode(generated))
-'''
 
 
 # ----------------------------------------------------------------------------------------------- the card
@@ -658,7 +467,7 @@ def build_model_card(output_dir: str | os.PathLike, checkpoint: str | os.PathLik
     if ckpt is None and not artifacts:
         raise ModelCardError(f"{output_dir} holds no .gguf, ONNX folder, .pte or paretoq checkpoint: export the "
                              "model there first (paretoq-export --format gguf CKPT -o DIR), or pass --checkpoint")
-    validations = _read_json_files(output_dir, "validate")
+    validations = _validation_reports(output_dir)
     benches = _read_json_files(output_dir, "bench")
 
     recipe = dict(ckpt.recipe) if ckpt else next((dict(a.recipe) for a in artifacts if a.recipe), {})
@@ -674,7 +483,7 @@ def build_model_card(output_dir: str | os.PathLike, checkpoint: str | os.PathLik
         base_model=base, license=license_, library_name=library, tags=tags, pipeline_tag="text-generation",
         **({"base_model_relation": "quantized"} if base else {}),
     )
-    from qat.grids import format_bits
+    from paretoq_export.canonical.grids import format_bits
 
     bits_text = "/".join(format_bits(b) for b in bits) or "float"
     base_name = (base or recipe.get("base_model") or "model").rstrip("/").split("/")[-1]
@@ -718,7 +527,7 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def _intro(base: str | None, bits: list[float], formats: list[str]) -> str:
-    from qat.grids import format_bits
+    from paretoq_export.canonical.grids import format_bits
 
     what = f"[{base}](https://huggingface.co/{base})" if base else "a causal language model"
     bit_text = "/".join(format_bits(b) for b in bits)
@@ -737,6 +546,9 @@ def write_model_card(output_dir: str | os.PathLike, checkpoint: str | os.PathLik
 
 
 # ----------------------------------------------------------------------------------------------- CLI
+HELP = "write the Hub model card (README.md) of an output folder"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output_dir", help="folder holding the exported files (and validate*/bench*.json)")
     parser.add_argument("--checkpoint", default=None,

@@ -110,12 +110,3 @@ def _check_architecture(config: dict, trust_remote_code: bool, where: str) -> No
             f"{where}: unknown architecture {model_type!r} (transformers has no such model_type): "
             "use a supported causal LM (Llama, Qwen2, Qwen3, ...) or upgrade transformers"
         )
-
-
-# licenses of base models we can name without the hub (the card's and GGUF's license field)
-KNOWN_LICENSES = {"huggingfacetb/smollm2": "apache-2.0", "qwen/qwen3": "apache-2.0", "qwen/qwen2.5-0.5b": "apache-2.0"}
-
-
-def known_license(base_model: str | None) -> str | None:
-    base = (base_model or "").lower()
-    return next((v for k, v in KNOWN_LICENSES.items() if base.startswith(k)), None)

@@ -33,16 +33,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from formats.registry import NAMES, format_named
+from paretoq_export.arguments import add_validation_text_arguments
 from paretoq_export.bench import bench_artifacts, write_json_atomic
-from paretoq_export.checkpoint import CheckpointError, QuantizedCheckpoint
-from qat.grids import format_bits, parse_bits
+from paretoq_export.canonical.checkpoint import CheckpointError, QuantizedCheckpoint
+from paretoq_export.canonical.grids import format_bits, parse_bits
+from qat.checkpoint_io import QATCheckpoint
 
 log = logging.getLogger(__name__)
 
 FLOAT_BITS = 16.0
-FORMATS = ("gguf", "onnx", "executorch")
 CELL_VERSION = 1
-_MARKERS = {"gguf": "o", "onnx": "s", "executorch": "^"}
 
 
 class ParetoError(ValueError):
@@ -85,9 +86,9 @@ class ParetoConfig:
             raise ParetoError(f"--method must be qat or rtn, not {self.method!r}")
         if self.budget not in ("paper", "equal"):
             raise ParetoError(f"--budget must be paper or equal, not {self.budget!r}")
-        bad = [f for f in self.formats if f not in FORMATS]
+        bad = [f for f in self.formats if f not in NAMES]
         if bad or not self.formats:
-            raise ParetoError(f"unknown format(s) {', '.join(bad) or '(none)'}: choose from {', '.join(FORMATS)}")
+            raise ParetoError(f"unknown format(s) {', '.join(bad) or '(none)'}: choose from {', '.join(NAMES)}")
         if not self.bits:
             raise ParetoError("no --bits given: e.g. --bits 1.58 2 3 4 16")
         self.bit_widths()  # fail on a bad spelling before any work
@@ -227,7 +228,7 @@ class ParetoRun:
             from paretoq_export.model_source import load_model
 
             source = load_model(c.model, trust_remote_code=c.trust_remote_code)
-            QuantizedCheckpoint.from_float_model(
+            QATCheckpoint.from_float_model(
                 source.model, source.tokenizer, recipe={"base_model": source.base_model, "source": source.description}
             ).save(ckpt_dir, overwrite=overwrite)
             return {}
@@ -263,7 +264,7 @@ class ParetoRun:
         cell_path = self.cells_dir / f"{name}.json"
         settings = {**c.settings(bits), "format": fmt, "validate": c.validate, "validate_tokens": c.validate_tokens,
                     "validate_text": c.validate_text, "tasks": list(c.tasks), "limit": c.limit,
-                    "gguf_embedding_type": c.gguf_embedding_type if fmt == "gguf" else None,
+                    **format_named(fmt).sweep_settings(c),
                     "threads": c.threads, "repeats": c.repeats, "pp": c.pp, "tg": c.tg}
         cell = _read_cell(cell_path, settings)
         if cell is not None:
@@ -284,38 +285,25 @@ class ParetoRun:
         return cell
 
     def _export(self, bits: float, fmt: str, ckpt_dir: Path) -> Path:
+        c = self.config
         artifacts = self.out / "artifacts"
         artifacts.mkdir(parents=True, exist_ok=True)
-        name = label(bits)
-        if fmt == "gguf":
-            from formats.gguf import GGUFOptions, export_gguf
-
-            # the float model as F16 everywhere (what llama.cpp's own F16 conversion holds)
-            extra = (dict(tensor_types=[".*=F16"], allow_lossy=True) if bits == FLOAT_BITS
-                     else dict(embedding_type=self.config.gguf_embedding_type))
-            return export_gguf(ckpt_dir, artifacts / f"{name}.gguf",
-                               GGUFOptions(overwrite=True, progress=False, **extra)).path
-        if fmt == "onnx":
-            from formats.onnx import OnnxOptions, export_onnx
-
-            return export_onnx(ckpt_dir, artifacts / f"{name}-onnx", OnnxOptions(overwrite=True, progress=False)).path
+        exporter = format_named(fmt)
+        max_seq_len = max(c.pp + c.tg + 16, c.validate_tokens + 1)  # formats with a fixed cache: bench and validate fit
+        options = exporter.sweep_options(bits == FLOAT_BITS, max_seq_len, exporter.sweep_settings(c))
+        output = artifacts / f"{label(bits)}{exporter.suffix or '-' + exporter.name}"
         try:
-            from formats.executorch import ExecuTorchOptions, export_executorch
+            return exporter.export(ckpt_dir, output, options).path
         except ImportError as exc:
-            raise ImportError(f"the executorch format needs its exporter and runtime ({exc}): "
-                              "pip install 'paretoq-export[executorch]' or drop executorch from --formats") from exc
-        c = self.config
-        options = ExecuTorchOptions(overwrite=True, progress=False, max_seq_len=max(c.pp + c.tg + 16,
-                                                                                     c.validate_tokens + 1))
-        return export_executorch(ckpt_dir, artifacts / f"{name}.pte", options).path
+            raise ImportError(f"the {fmt} format needs its exporter and runtime ({exc}): pip install "
+                              f"'paretoq-export[{exporter.extra}]' or drop {fmt} from --formats") from exc
 
     def _validate(self, artifact: Path, ckpt_dir: Path) -> dict:
-        from paretoq_export.validate import validate_artifact
+        from paretoq_export.validate import validate
 
         c = self.config
-        return validate_artifact(artifact, ckpt_dir, text=c.validate_text, tasks=tuple(c.tasks), limit=c.limit,
-                                 threads=c.threads,
-                                 max_tokens=c.validate_tokens, progress=c.progress is not False)
+        return validate(artifact, ckpt_dir, text=c.validate_text, tasks=tuple(c.tasks), limit=c.limit,
+                        threads=c.threads, tokens=c.validate_tokens, progress=c.progress is not False)
 
     # -- the whole sweep
     def run(self) -> list[dict]:
@@ -448,7 +436,7 @@ def plot_pareto(cells: list[dict], out_dir: Path, title: str = "") -> list[Path]
         ys = [c["checkpoint"]["heldout_ppl"] for c in cells]
         for fmt in dict.fromkeys(c["format"] for c in cells):
             idx = [i for i, c in enumerate(cells) if c["format"] == fmt]
-            ax.scatter([xs[i] for i in idx], [ys[i] for i in idx], marker=_MARKERS.get(fmt, "o"), s=46, label=fmt,
+            ax.scatter([xs[i] for i in idx], [ys[i] for i in idx], marker=format_named(fmt).marker, s=46, label=fmt,
                        zorder=3)
         for i, c in enumerate(cells):
             text = "float" if c["bits"] == FLOAT_BITS else f"{format_bits(c['bits'])}b"
@@ -484,12 +472,15 @@ def run_pareto(config: ParetoConfig) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- CLI
+HELP = "quantize/train, export, validate and benchmark every bit-width; table + plots"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="transformers dir, .gguf or hub id (default SmolLM2-135M)")
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--bits", nargs="+", default=["1.58", "2", "3", "4", "16"],
                         help="bit-widths: 1, 1.58, 2, 3, 4; 16 is the float model (default: 1.58 2 3 4 16)")
-    parser.add_argument("--formats", default="gguf", help="comma list of gguf, onnx, executorch (default gguf)")
+    parser.add_argument("--formats", default="gguf", help=f"comma list of {', '.join(NAMES)} (default gguf)")
     parser.add_argument("--method", default="qat", choices=("qat", "rtn"))
     parser.add_argument("--steps", type=int, default=100, help="QAT steps of 3/4-bit (<=2-bit: 3x with --budget paper)")
     parser.add_argument("--budget", default="paper", choices=("paper", "equal"),
@@ -507,17 +498,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="token_embd type of the quantized GGUF files (default F16; Q8_0 is what llama.cpp's "
                              "Q4_0 uses: half the embedding bytes, lossy)")
     parser.add_argument("--no-validate", action="store_true", help="skip the runtime-vs-reference validation")
-    parser.add_argument("--validate-tokens", type=int, default=512, help="tokens compared runtime vs reference")
-    parser.add_argument("--validate-text", default=None,
-                        help="text file for that comparison (default: held-out Wikipedia, as `paretoq-export "
-                             "validate`)")
     parser.add_argument("--tasks", nargs="*", default=[], help="zero-shot tasks for validate (e.g. arc_easy piqa)")
     parser.add_argument("--limit", type=int, default=None, help="examples per zero-shot task")
-    parser.add_argument("--threads", type=int, default=2)
+    add_validation_text_arguments(parser, "CPU threads for training, every runtime and the bench")
     parser.add_argument("--repeats", type=int, default=3, help="bench runs per artifact")
     parser.add_argument("--pp", type=int, default=128)
     parser.add_argument("--tg", type=int, default=64)
-    parser.add_argument("--output-dir", required=True, help="where cells, checkpoints, artifacts, table, plots go")
+    parser.add_argument("-o", "--output-dir", required=True, help="where cells, checkpoints, artifacts, table, plots go")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -529,7 +516,7 @@ def run(args: argparse.Namespace) -> int:
         block_size=args.block_size, heldout_fraction=args.heldout_fraction, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, save_every=args.save_every, eval_blocks=args.eval_blocks, validate=not args.no_validate,
         gguf_embedding_type=args.gguf_embedding_type, validate_tokens=args.validate_tokens,
-        validate_text=args.validate_text, tasks=list(args.tasks),
+        validate_text=args.text, tasks=list(args.tasks),
         limit=args.limit, threads=args.threads,
         repeats=args.repeats, pp=args.pp, tg=args.tg,
     )

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import torch
 
-from paretoq_export.checkpoint import CheckpointError, QuantizedCheckpoint
-from paretoq_export.model_source import known_license, load_model
+from paretoq_export.canonical.checkpoint import CheckpointError
+from paretoq_export.canonical.licenses import known_license
+from paretoq_export.model_source import load_model
+from qat.checkpoint_io import QATCheckpoint
 from qat.data import DataConfig, build_data
 from qat.prepare import QATConfig, prepare
 
@@ -50,7 +52,7 @@ def quantize_rtn(
     source = load_model(model_spec, trust_remote_code=trust_remote_code)
     prepare(source.model, qat_config)
     recipe = {"method": "rtn", **source_recipe(source)}
-    ckpt = QuantizedCheckpoint.from_qat_model(source.model, source.tokenizer, recipe=recipe, float_dtype=float_dtype)
+    ckpt = QATCheckpoint.from_qat_model(source.model, source.tokenizer, recipe=recipe, float_dtype=float_dtype)
     return ckpt.save(out, overwrite=overwrite)
 
 
@@ -99,7 +101,7 @@ def run_qat(
             * data.block_size * int(os.environ.get("WORLD_SIZE", "1")),
             "seconds": round(seconds, 1),
         }
-        ckpt = QuantizedCheckpoint.from_qat_model(source.model, source.tokenizer, recipe=recipe, float_dtype=float_dtype)
+        ckpt = QATCheckpoint.from_qat_model(source.model, source.tokenizer, recipe=recipe, float_dtype=float_dtype)
         checkpoint = ckpt.save(out, overwrite=overwrite)
     return QATRun(checkpoint, result, seconds)
 
@@ -135,7 +137,7 @@ def import_checkpoint(
     out = _check_output(output, overwrite)
     if kind == "on-grid":
         source = load_model(model_dir, trust_remote_code=trust_remote_code)
-        ckpt = QuantizedCheckpoint.from_on_grid_model(source.model, bits, source.tokenizer, float_dtype=float_dtype)
+        ckpt = QATCheckpoint.from_on_grid_model(source.model, bits, source.tokenizer, float_dtype=float_dtype)
     elif kind == "paretoq-reference":
         from transformers import AutoTokenizer
 
@@ -143,7 +145,7 @@ def import_checkpoint(
         config = json.loads((path / "config.json").read_text())
         state = read_state_dict(path)
         tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
-        ckpt = QuantizedCheckpoint.from_paretoq_reference(state, config, bits, tokenizer, float_dtype=float_dtype)
+        ckpt = QATCheckpoint.from_paretoq_reference(state, config, bits, tokenizer, float_dtype=float_dtype)
     else:
         raise ValueError(f"unknown import kind {kind!r}: use paretoq-reference or on-grid")
     return ckpt.save(out, overwrite=overwrite)

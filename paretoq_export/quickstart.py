@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from paretoq_export.checkpoint import QuantizedCheckpoint
+from paretoq_export.canonical.checkpoint import QuantizedCheckpoint
+from paretoq_export.canonical.grids import format_bits, parse_bits
 from paretoq_export.model_source import load_model
 from paretoq_export.pipeline import source_recipe, heldout_perplexity
+from qat.checkpoint_io import QATCheckpoint
 from qat.data import DataConfig, build_data
-from qat.grids import format_bits, parse_bits
 from qat.prepare import QATConfig, prepare
 from qat.trainer import TrainConfig, train
 
@@ -56,7 +57,7 @@ def _step(title: str) -> float:
 
 def _float_checkpoint(model, tokenizer, base_model) -> QuantizedCheckpoint:
     """The unquantized model in checkpoint form (no quantized modules): the F16 GGUF baseline."""
-    return QuantizedCheckpoint.from_float_model(model, tokenizer, recipe={"base_model": base_model})
+    return QATCheckpoint.from_float_model(model, tokenizer, recipe={"base_model": base_model})
 
 
 def _bench(path: Path, threads: int) -> dict:
@@ -68,7 +69,8 @@ def _bench(path: Path, threads: int) -> dict:
 
 def run_quickstart(config: QuickstartConfig | None = None, **overrides) -> int:
     """Run the whole quickstart; ``overrides`` replace fields of ``config`` (the CLI passes bits, steps, ...)."""
-    from formats.gguf import GGUFOptions, export_gguf, validate_gguf
+    from formats.gguf import GGUFOptions, export_gguf
+    from formats.validation import report_path, validate_artifact, write_report
     from runtime_tests.llamacpp import LlamaCppRunner
 
     config = config or QuickstartConfig()
@@ -99,7 +101,7 @@ def run_quickstart(config: QuickstartConfig | None = None, **overrides) -> int:
     t = _step(f"2/6 RTN at {format_bits(bits)} bits (the ParetoQ grid and alpha init, no training)")
     rtn = prepare(copy.deepcopy(source.model), QATConfig(bits=bits))
     rtn_ppl = heldout_perplexity(
-        QuantizedCheckpoint.from_qat_model(rtn, source.tokenizer).build_reference_model(), eval_blocks)
+        QATCheckpoint.from_qat_model(rtn, source.tokenizer).build_reference_model(), eval_blocks)
     del rtn
     print(f"RTN {format_bits(bits)}-bit: held-out PPL {rtn_ppl:.2f} ({time.perf_counter() - t:.0f} s)")
 
@@ -114,7 +116,7 @@ def run_quickstart(config: QuickstartConfig | None = None, **overrides) -> int:
               "train": {"steps": result.steps, "batch_size": config.batch_size, "grad_accum": 1,
                         "block_size": config.block_size, "lr": result.lr, "data": list(config.data)},
               "train_tokens": result.steps * config.batch_size * config.block_size}
-    ckpt_dir = QuantizedCheckpoint.from_qat_model(model, source.tokenizer, recipe=recipe).save(
+    ckpt_dir = QATCheckpoint.from_qat_model(model, source.tokenizer, recipe=recipe).save(
         out / f"checkpoint-{format_bits(bits)}bit", overwrite=True)
     del model
     ckpt = QuantizedCheckpoint.load(ckpt_dir)
@@ -133,11 +135,12 @@ def run_quickstart(config: QuickstartConfig | None = None, **overrides) -> int:
 
     t = _step("5/6 validation in llama.cpp (read-back + logits vs the PyTorch reference, held-out tokens)")
     ids = heldout.reshape(-1)[: config.validate_tokens].tolist()
-    report = validate_gguf(ours.path, ckpt, ids, n_threads=config.threads)
-    rb, m = report["readback"], report["llamacpp_vs_reference"]
-    print(f"read-back: {rb['exact']}/{rb['tensors']} tensors bit-exact; llama.cpp vs PyTorch on {len(ids)} tokens: "
-          f"mean KL {m['mean_kl']:.2e}, top-1 agreement {m['top1_agreement']:.1%}, PPL {m['ppl_test']:.2f} vs "
-          f"{m['ppl_ref']:.2f} (ratio {m['ppl_ratio']:.4f}) ({time.perf_counter() - t:.0f} s)")
+    report = validate_artifact(ours.path, ckpt, ids, threads=config.threads, progress=False)
+    write_report(report, report_path(ours.path))
+    rb, m = report["readback"], report["metrics"]
+    print(f"read-back: {rb['exact']}/{rb['checked']} tensors bit-exact; llama.cpp vs PyTorch on {len(ids)} tokens: "
+          f"mean KL {m['kl_mean']:.2e}, top-1 agreement {m['top1']:.1%}, PPL {m['ppl_artifact']:.2f} vs "
+          f"{m['ppl_reference']:.2f} (ratio {m['ppl_ratio']:.4f}) ({time.perf_counter() - t:.0f} s)")
 
     t = _step(f"6/6 generation and speed (llama.cpp, {config.threads} threads)")
     prompt_ids = source.tokenizer(config.prompt)["input_ids"]
@@ -151,7 +154,7 @@ def run_quickstart(config: QuickstartConfig | None = None, **overrides) -> int:
         ("file", f16.path.name, ours.path.name),
         ("size MiB", f"{f16.nbytes / 2**20:.1f}", f"{ours.nbytes / 2**20:.1f} ({ours.nbytes / f16.nbytes:.2f}x)"),
         ("held-out PPL, PyTorch", f"{float_ppl:.2f}", f"{qat_ppl:.2f} (RTN {rtn_ppl:.2f})"),
-        ("PPL llama.cpp / reference", "-", f"{m['ppl_ratio']:.4f} (KL {m['mean_kl']:.1e})"),
+        ("PPL llama.cpp / reference", "-", f"{m['ppl_ratio']:.4f} (KL {m['kl_mean']:.1e})"),
         ("prompt tokens/s (pp128)", f"{speed_f16['pp_tps']:.0f}",
          f"{speed_ours['pp_tps']:.0f} ({speed_ours['pp_tps'] / speed_f16['pp_tps']:.2f}x)"),
         ("generation tokens/s (tg32)", f"{speed_f16['tg_tps']:.0f}",
@@ -167,13 +170,13 @@ def run_quickstart(config: QuickstartConfig | None = None, **overrides) -> int:
                   "lr": result.lr},
         "checkpoint": str(ckpt_dir), "gguf": str(ours.path), "gguf_bytes": ours.nbytes, "f16_bytes": f16.nbytes,
         "gguf_types": ours.type_counts(), "fallbacks": len(ours.fallbacks),
-        "validation": {"readback": rb, "llamacpp_vs_reference": m}, "generation": text,
+        "validation": report, "generation": text,
         "speed": {"ours": speed_ours, "f16": speed_f16}, "seconds": round(time.perf_counter() - t_all, 1),
     })
     (out / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nwhole run {summary['seconds']:.0f} s; summary in {out / 'quickstart.json'}")
     print(f"next: paretoq-export qat --bits {format_bits(bits)} --steps 1000 ... for a real run (see README)")
-    if rb["exact"] != rb["tensors"]:
+    if rb["exact"] != rb["checked"] or rb["mismatches"]:
         print("error: GGUF read-back is not bit-exact")
         return 1
     return 0

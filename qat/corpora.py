@@ -23,7 +23,7 @@ import threading
 import types
 from pathlib import Path
 
-from paretoq_export.atomic import write_text_atomic
+from paretoq_export.canonical.atomic import write_text_atomic
 
 WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 # Bump when the cleaning changes so stale caches are rebuilt rather than silently reused.

@@ -208,7 +208,7 @@ def parq_checkpoint(model: nn.Module, bits: float | str, tokenizer=None, recipe:
     """The canonical checkpoint of a PARQ-trained model: each target row's codes and step recovered from its grid
     values (``recover_grid_codes``; the step is rounded to fp16, as in every checkpoint). The codes are recovered
     where the model lives (a GPU does it in a blink) and the checkpoint's tensors are moved to the CPU."""
-    from paretoq_export.checkpoint import QuantizedCheckpoint
+    from qat.checkpoint_io import QATCheckpoint as QuantizedCheckpoint
 
     ckpt = QuantizedCheckpoint.from_on_grid_model(model, bits, tokenizer, float_dtype=float_dtype)
     for q in ckpt.quantized.values():

@@ -218,17 +218,6 @@ def executorch_decode_bytes(path: str | os.PathLike, context: float) -> DecodeBy
                        "static KV cache buffers' bytes per position at the mean decode context")
 
 
-def decode_bytes(path: str | os.PathLike, fmt: str, context: float) -> DecodeBytes:
-    """Bytes read per decoded token by the artifact ``path`` of format ``fmt`` (gguf, onnx, executorch)."""
-    if fmt == "gguf":
-        return gguf_decode_bytes(path, context)
-    if fmt == "onnx":
-        return onnx_decode_bytes(path, context)
-    if fmt == "executorch":
-        return executorch_decode_bytes(path, context)
-    raise ValueError(f"unknown format {fmt!r}: gguf, onnx or executorch")
-
-
 def cpu_name() -> str:
     """The CPU's model name (Linux /proc/cpuinfo), else what platform reports."""
     import platform

@@ -1,4 +1,4 @@
-"""paretoq_export.atomic: outputs appear complete or not at all, with ordinary permissions."""
+"""paretoq_export.canonical.atomic: outputs appear complete or not at all, with ordinary permissions."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from paretoq_export.atomic import atomic_dir, atomic_file, write_bytes_atomic, write_text_atomic
+from paretoq_export.canonical.atomic import atomic_dir, atomic_file, write_bytes_atomic, write_text_atomic
 
 
 @pytest.fixture

@@ -8,9 +8,10 @@ import json
 import gguf
 import pytest
 
+from formats.registry import format_named
 from paretoq_export.bench import BenchError, bench_artifacts, detect_format, llama_quantize
 from paretoq_export.cli import main
-from runtime_tests.bandwidth import decode_bytes, measure_read_bandwidth
+from runtime_tests.bandwidth import measure_read_bandwidth
 
 pytest.importorskip("llama_cpp")
 
@@ -22,15 +23,15 @@ def artifacts(tmp_path_factory):
     """A 2-bit GGUF, an F16 GGUF of the float model, a 2-bit ONNX folder (tied tiny Llama), an untied 2-bit GGUF."""
     from formats.gguf import GGUFOptions, export_gguf
     from formats.onnx import OnnxOptions, export_onnx
-    from paretoq_export.checkpoint import QuantizedCheckpoint
+    from qat.checkpoint_io import QATCheckpoint
     from qat.prepare import QATConfig, prepare
     from tiny_models import tiny_model, tiny_tokenizer
 
     d = tmp_path_factory.mktemp("bench")
     tok = tiny_tokenizer()
-    q2 = QuantizedCheckpoint.from_qat_model(prepare(tiny_model(), QATConfig(bits=2)), tok)
-    fp = QuantizedCheckpoint.from_float_model(tiny_model(), tok)
-    untied = QuantizedCheckpoint.from_qat_model(prepare(tiny_model(tie_word_embeddings=False), QATConfig(bits=2)), tok)
+    q2 = QATCheckpoint.from_qat_model(prepare(tiny_model(), QATConfig(bits=2)), tok)
+    fp = QATCheckpoint.from_float_model(tiny_model(), tok)
+    untied = QATCheckpoint.from_qat_model(prepare(tiny_model(tie_word_embeddings=False), QATConfig(bits=2)), tok)
     out = {
         "q2": export_gguf(q2, d / "q2.gguf", GGUFOptions(progress=False)).path,
         "f16": export_gguf(fp, d / "f16.gguf", GGUFOptions(tensor_types=[".*=F16"], allow_lossy=True,
@@ -74,8 +75,8 @@ def test_side_by_side_schema_and_ratios(artifacts):
 
 def test_bytes_per_token_counts_embedding_as_row_unless_tied(artifacts):
     context = 24.0
-    tied = decode_bytes(artifacts["q2"], "gguf", context)
-    untied = decode_bytes(artifacts["untied"], "gguf", context)
+    tied = format_named("gguf").decode_bytes(artifacts["q2"], context)
+    untied = format_named("gguf").decode_bytes(artifacts["untied"], context)
     reader = gguf.GGUFReader(str(artifacts["untied"]))
     table = next(int(t.n_bytes) for t in reader.tensors if t.name == "token_embd.weight")
     tied_size = artifacts["q2"].stat().st_size
@@ -85,9 +86,9 @@ def test_bytes_per_token_counts_embedding_as_row_unless_tied(artifacts):
     assert untied.weights < artifacts["untied"].stat().st_size - 0.9 * table
     # KV cache grows linearly with the context (2 layers x 2 KV heads x 64 dims x K and V, F16)
     assert tied.kv_cache == 2 * 2 * 2 * 64 * context * 2
-    assert decode_bytes(artifacts["q2"], "gguf", 2 * context).kv_cache == 2 * tied.kv_cache
+    assert format_named("gguf").decode_bytes(artifacts["q2"], 2 * context).kv_cache == 2 * tied.kv_cache
     if "onnx" in artifacts:
-        onnx_bytes = decode_bytes(artifacts["onnx"], "onnx", context)
+        onnx_bytes = format_named("onnx").decode_bytes(artifacts["onnx"], context)
         # onnxruntime folds the fp16 table's Cast at load: the tied output layer reads it as float32 (the untied
         # file's table has the same 320 x 256 fp16 shape)
         assert onnx_bytes.weights > 2 * table
@@ -144,7 +145,7 @@ def test_errors_are_one_line(artifacts, tmp_path, capsys):
     line = error([str(artifacts["q2"]), str(broken), "--repeats", "1", "--pp", "8", "--tg", "4"])
     assert "broken.gguf" in line and "failed" in line
     assert "--repeats must be >= 1" in error([str(artifacts["q2"]), "--repeats", "0"])
-    assert detect_format(artifacts["q2"]) == "gguf"
+    assert detect_format(artifacts["q2"]).name == "gguf"
 
 
 def test_bandwidth_probe_positive():

@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from paretoq_export.checkpoint import CheckpointError, QuantizedCheckpoint, recover_grid_codes
-from paretoq_export.packing import pack_codes, unpack_codes
-from qat.grids import GRIDS, grid_for_bits
+from paretoq_export.canonical.checkpoint import CheckpointError, QuantizedCheckpoint
+from paretoq_export.canonical.grids import GRIDS, grid_for_bits
+from paretoq_export.canonical.packing import pack_codes, unpack_codes
+from qat.checkpoint_io import QATCheckpoint, recover_grid_codes
 from qat.prepare import QATConfig, prepare, quantized_modules
 from qat.quantizers import fake_quantize
 from tiny_models import tiny_model
@@ -39,7 +40,7 @@ def _trained_like(arch="llama", bits=2, **cfg):
 @pytest.mark.parametrize("bits", ALL_BITS)
 def test_roundtrip_is_bit_identical(tmp_path, arch, bits):
     model = _trained_like(arch, bits)
-    ckpt = QuantizedCheckpoint.from_qat_model(model)
+    ckpt = QATCheckpoint.from_qat_model(model)
     ckpt.save(tmp_path / "ck")
     loaded = QuantizedCheckpoint.load(tmp_path / "ck")
     a, b = ckpt.dequantized_state_dict(), loaded.dequantized_state_dict()
@@ -59,7 +60,7 @@ def test_roundtrip_is_bit_identical(tmp_path, arch, bits):
 
 def test_reference_model_matches_dequantized_weights_and_keeps_bias(tmp_path):
     model = _trained_like("qwen2", 2)
-    ckpt = QuantizedCheckpoint.from_qat_model(model, float_dtype="float32")
+    ckpt = QATCheckpoint.from_qat_model(model, float_dtype="float32")
     ckpt.save(tmp_path / "ck")
     ref = QuantizedCheckpoint.load(tmp_path / "ck").build_reference_model()
     sd = ref.state_dict()
@@ -75,7 +76,7 @@ def test_reference_model_matches_dequantized_weights_and_keeps_bias(tmp_path):
 
 def test_packed_size_is_close_to_bits(tmp_path):
     model = _trained_like("llama", 2)
-    ckpt = QuantizedCheckpoint.from_qat_model(model)
+    ckpt = QATCheckpoint.from_qat_model(model)
     ckpt.save(tmp_path / "ck")
     n_quant = sum(q.codes.numel() for q in ckpt.quantized.values())
     float_bytes = sum(t.numel() * t.element_size() for t in ckpt.tensors.values())
@@ -89,7 +90,7 @@ def test_packed_size_is_close_to_bits(tmp_path):
 
 def test_tied_embeddings_stored_once_and_retied(tmp_path):
     model = _trained_like("llama", 2, embedding_bits=8, lm_head_bits=8)
-    ckpt = QuantizedCheckpoint.from_qat_model(model)
+    ckpt = QATCheckpoint.from_qat_model(model)
     assert "model.embed_tokens.weight" in ckpt.quantized and "lm_head.weight" not in ckpt.quantized
     assert "lm_head.weight" not in ckpt.tensors
     ckpt.save(tmp_path / "ck")
@@ -102,7 +103,7 @@ def test_tied_embeddings_stored_once_and_retied(tmp_path):
 
 def test_config_records_grid_and_bits(tmp_path):
     model = _trained_like("llama", 2, overrides={"down_proj": 4})
-    QuantizedCheckpoint.from_qat_model(model, recipe={"steps": 7}).save(tmp_path / "ck")
+    QATCheckpoint.from_qat_model(model, recipe={"steps": 7}).save(tmp_path / "ck")
     qc = json.loads((tmp_path / "ck" / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "paretoq"
     assert qc["modules"]["model.layers.0.mlp.down_proj"]["grid"] == "lsq4"
@@ -113,7 +114,7 @@ def test_config_records_grid_and_bits(tmp_path):
 
 def test_refuses_non_empty_output_and_leaves_no_partial(tmp_path):
     model = _trained_like("llama", 2)
-    ckpt = QuantizedCheckpoint.from_qat_model(model)
+    ckpt = QATCheckpoint.from_qat_model(model)
     out = tmp_path / "ck"
     out.mkdir()
     (out / "keep.txt").write_text("x")
@@ -126,8 +127,8 @@ def test_refuses_non_empty_output_and_leaves_no_partial(tmp_path):
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     model = _trained_like("llama", 2)
-    ckpt = QuantizedCheckpoint.from_qat_model(model)
-    import paretoq_export.checkpoint as mod
+    ckpt = QATCheckpoint.from_qat_model(model)
+    import paretoq_export.canonical.checkpoint as mod
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -140,7 +141,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
 
 def test_corrupt_checkpoint_errors(tmp_path):
     model = _trained_like("llama", 2)
-    QuantizedCheckpoint.from_qat_model(model).save(tmp_path / "ck")
+    QATCheckpoint.from_qat_model(model).save(tmp_path / "ck")
     weights = tmp_path / "ck" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-100] ^= 0xFF
@@ -170,7 +171,7 @@ def test_import_reference_training_checkpoint(bits):
 
             clip[key + "_clip_val"] = init_alpha(state[key], grid) * 0.9
     state.update(clip)
-    ckpt = QuantizedCheckpoint.from_paretoq_reference(state, model.config.to_dict(), bits, float_dtype="float32")
+    ckpt = QATCheckpoint.from_paretoq_reference(state, model.config.to_dict(), bits, float_dtype="float32")
     assert len(ckpt.quantized) == 14 and all(q.grid is grid for q in ckpt.quantized.values())
     key = "model.layers.1.mlp.down_proj.weight"
     alpha = clip[key + "_clip_val"]
@@ -178,7 +179,7 @@ def test_import_reference_training_checkpoint(bits):
     expected = fake_quantize(state[key], alpha, grid) / alpha * s16 / grid.step_per_alpha
     torch.testing.assert_close(ckpt.quantized[key].dequantize(), expected, rtol=1e-6, atol=1e-9)
     with pytest.raises(CheckpointError, match="weight_clip_val"):
-        QuantizedCheckpoint.from_paretoq_reference(model.state_dict(), model.config.to_dict(), bits)
+        QATCheckpoint.from_paretoq_reference(model.state_dict(), model.config.to_dict(), bits)
 
 
 @pytest.mark.parametrize("bits", ALL_BITS)
@@ -189,7 +190,7 @@ def test_import_on_grid_bf16_weights(bits):
     with torch.no_grad():
         for name, m in quantized_modules(qmodel).items():
             plain.get_submodule(name).weight.copy_(m.quantized_weight().to(torch.bfloat16).float())
-    ckpt = QuantizedCheckpoint.from_on_grid_model(plain, bits)
+    ckpt = QATCheckpoint.from_on_grid_model(plain, bits)
     for key, q in ckpt.quantized.items():
         w = plain.state_dict()[key]
         rel = (q.dequantize() - w).abs().amax() / w.abs().amax()
@@ -200,7 +201,7 @@ def test_import_on_grid_bf16_weights(bits):
 def test_import_on_grid_rejects_float_weights():
     model = tiny_model("llama")
     with pytest.raises(CheckpointError, match="distinct values"):
-        QuantizedCheckpoint.from_on_grid_model(model, 2)
+        QATCheckpoint.from_on_grid_model(model, 2)
 
 
 def test_recover_grid_codes_exact_when_values_are_exact():
@@ -216,11 +217,11 @@ def test_recover_grid_codes_exact_when_values_are_exact():
 
 def test_from_float_model_keeps_the_unquantized_model():
     model = tiny_model("llama")  # tied embeddings
-    ckpt = QuantizedCheckpoint.from_float_model(model, float_dtype="float32")
+    ckpt = QATCheckpoint.from_float_model(model, float_dtype="float32")
     state = model.state_dict()
     assert not ckpt.quantized and "lm_head.weight" not in ckpt.tensors
     assert set(ckpt.tensors) == set(state) - {"lm_head.weight"}
     assert all(torch.equal(ckpt.tensors[k], state[k]) for k in ckpt.tensors)
     assert ckpt.recipe["method"] == "float"
     with pytest.raises(CheckpointError, match="from_qat_model"):
-        QuantizedCheckpoint.from_float_model(prepare(tiny_model("llama"), QATConfig(bits=2)))
+        QATCheckpoint.from_float_model(prepare(tiny_model("llama"), QATConfig(bits=2)))

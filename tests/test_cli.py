@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from paretoq_export.checkpoint import QuantizedCheckpoint
+from paretoq_export import cli
+from paretoq_export.canonical.checkpoint import QuantizedCheckpoint
+from paretoq_export.canonical.grids import grid_for_bits
 from paretoq_export.cli import main
-from qat.grids import grid_for_bits
 from qat.quantizers import init_alpha
 from tiny_models import TINY_TEXT, save_tiny_model_dir, tiny_model
 
@@ -164,3 +165,25 @@ def test_import_refuses_unsafe_pickle(tmp_path, capsys):
 def test_console_script_help():
     proc = subprocess.run([sys.executable, "-m", "paretoq_export.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "quantize" in proc.stdout and "qat" in proc.stdout
+
+
+def _commands() -> list[list[str]]:
+    from formats.registry import NAMES
+
+    return [[name] for name in cli.COMMANDS] + [["export", fmt] for fmt in NAMES]
+
+
+@pytest.mark.parametrize("command", _commands(), ids=" ".join)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and out.startswith(f"usage: paretoq-export {' '.join(command)}")
+
+
+def test_format_shortcut_is_the_export_subcommand():
+    from paretoq_export.commands.export import shortcut
+
+    assert shortcut(["--format", "onnx", "ck", "-o", "x"]) == ["export", "onnx", "ck", "-o", "x"]
+    assert shortcut(["export", "ck", "--format=gguf"]) == ["export", "gguf", "ck"]
+    assert shortcut(["export", "executorch", "ck"]) == ["export", "executorch", "ck"]

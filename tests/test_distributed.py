@@ -11,7 +11,8 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from paretoq_export.checkpoint import QuantizedCheckpoint
+from paretoq_export.canonical.checkpoint import QuantizedCheckpoint
+from qat.checkpoint_io import QATCheckpoint
 from qat.distributed import load_trained_weights
 from qat.prepare import QATConfig, prepare
 from qat.trainer import TrainConfig, train
@@ -123,7 +124,7 @@ def test_fsdp_sharded_checkpoint_resume(fsdp_run):
 
 def test_fsdp_canonical_checkpoint_equals_one_process(fsdp_run):
     tmp, single, _ = fsdp_run
-    one_ckpt = QuantizedCheckpoint.from_qat_model(single)
+    one_ckpt = QATCheckpoint.from_qat_model(single)
 
     gathered = _model(seed=7)
     gathered.load_state_dict(torch.load(tmp / "straight_rank0.pt")["params"])
@@ -133,7 +134,7 @@ def test_fsdp_canonical_checkpoint_equals_one_process(fsdp_run):
     assert all(torch.equal(dcp_state[k], gathered_state[k]) for k in gathered_state)
 
     for model in (gathered, from_dcp):
-        ckpt = QuantizedCheckpoint.from_qat_model(model)
+        ckpt = QATCheckpoint.from_qat_model(model)
         assert ckpt.quantized.keys() == one_ckpt.quantized.keys()
         total = differ = 0
         for key, q in one_ckpt.quantized.items():
@@ -152,12 +153,13 @@ def test_fsdp_checkpoint_exports_to_gguf(fsdp_run, tmp_path):
     """FSDP shards -> one-process model -> canonical checkpoint -> GGUF, read back bit-exact."""
     from tiny_models import tiny_tokenizer
 
-    from formats.gguf import GGUFOptions, export_gguf, verify_gguf_readback
+    from formats.gguf import GGUFOptions, export_gguf
+    from formats.gguf_readback import verify_gguf_readback
 
     tmp, _, _ = fsdp_run
     model = _model(seed=7)
     load_trained_weights(model, tmp / "straight")
-    ckpt_dir = QuantizedCheckpoint.from_qat_model(model, tiny_tokenizer()).save(tmp_path / "ckpt")
+    ckpt_dir = QATCheckpoint.from_qat_model(model, tiny_tokenizer()).save(tmp_path / "ckpt")
     result = export_gguf(ckpt_dir, tmp_path / "fsdp.gguf", GGUFOptions(progress=False))
     report = verify_gguf_readback(result.path, QuantizedCheckpoint.load(ckpt_dir))
     assert report["bit_exact"] and report["exact"] == report["tensors"] > 0, report

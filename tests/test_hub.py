@@ -179,14 +179,14 @@ def fake_hub(monkeypatch, tmp_path):
 def export_dir(tmp_path_factory):
     """A tiny real export: checkpoint + GGUF, plus a > 10 MB file, and leftovers that must never be uploaded."""
     from formats import gguf as G
-    from paretoq_export.checkpoint import QuantizedCheckpoint
+    from qat.checkpoint_io import QATCheckpoint
     from qat.prepare import QATConfig, prepare
     from tiny_models import tiny_model, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("push")
     model = prepare(tiny_model("llama"), QATConfig(bits=2))
     recipe = {"method": "rtn", "base_model": "test-org/tiny-llama"}
-    ckpt = QuantizedCheckpoint.from_qat_model(model, tiny_tokenizer(), recipe=recipe).save(root / "checkpoint")
+    ckpt = QATCheckpoint.from_qat_model(model, tiny_tokenizer(), recipe=recipe).save(root / "checkpoint")
     G.export_gguf(ckpt, root / "tiny-2bit.gguf", G.GGUFOptions(license="mit", progress=False))
     (root / "extra").mkdir()
     (root / "extra" / "large.dat").write_bytes(os.urandom(LARGE))

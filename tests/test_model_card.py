@@ -18,7 +18,9 @@ def build_export_folder(root: Path, license: str | None = "mit", bits: float = 2
     """A checkpoint trained 0 steps (RTN) with a QAT-style recipe, its GGUF export, and validate/bench JSON files
     measured in llama.cpp against the PyTorch reference (written in the schema of `paretoq-export validate/bench`)."""
     from formats import gguf as G
-    from paretoq_export.checkpoint import QuantizedCheckpoint
+    from formats.validation import validate_artifact
+    from paretoq_export.canonical.checkpoint import QuantizedCheckpoint
+    from qat.checkpoint_io import QATCheckpoint
     from qat.prepare import QATConfig, prepare
     from runtime_tests.llamacpp import LlamaCppRunner
     from tiny_models import TINY_TEXT, tiny_model, tiny_tokenizer
@@ -31,21 +33,13 @@ def build_export_folder(root: Path, license: str | None = "mit", bits: float = 2
               "train": {"steps": 12, "batch_size": 4, "grad_accum": 2, "lr": 2e-5, "warmup_steps": 1,
                         "weight_decay": 0.0, "min_lr_ratio": 0.0, "distill_weight": 0.0},
               "train_tokens": 12 * 4 * 2 * 64, "seconds": 3.0}
-    ckpt_dir = QuantizedCheckpoint.from_qat_model(model, tokenizer, recipe=recipe).save(root / "checkpoint")
+    ckpt_dir = QATCheckpoint.from_qat_model(model, tokenizer, recipe=recipe).save(root / "checkpoint")
     gguf_path = G.export_gguf(ckpt_dir, root / "tiny-llama-ParetoQ-2bit.gguf",
                               G.GGUFOptions(license=license, progress=False)).path
 
     ids = tokenizer(TINY_TEXT)["input_ids"][:48]
-    v = G.validate_gguf(gguf_path, ckpt_dir, ids, n_threads=1, json_path=root / "tmp.validation.json")
-    (root / "tmp.validation.json").unlink()
-    m = v["llamacpp_vs_reference"]
-    validate = {"format": "gguf", "artifact": str(gguf_path), "artifact_bytes": gguf_path.stat().st_size,
-                "checkpoint": str(ckpt_dir),
-                "readback": {"checked": v["readback"]["tensors"], "exact": v["readback"]["exact"],
-                             "mismatches": sorted(v["readback"]["lossy"]), "note": None},
-                "metrics": {"tokens": m["positions"], "kl_mean": m["mean_kl"], "top1": m["top1_agreement"],
-                            "ppl_reference": m["ppl_ref"], "ppl_artifact": m["ppl_test"], "ppl_ratio": m["ppl_ratio"]},
-                "zeroshot": _zeroshot(ckpt_dir, gguf_path, zeroshot_tasks) if zeroshot_tasks else None}
+    validate = validate_artifact(gguf_path, ckpt_dir, ids, threads=1, progress=False)
+    validate["zeroshot"] = _zeroshot(ckpt_dir, gguf_path, zeroshot_tasks) if zeroshot_tasks else None
     (root / "validate_gguf.json").write_text(json.dumps(validate))
 
     runner = LlamaCppRunner(gguf_path, n_threads=1, n_ctx=128, logits_all=False)
@@ -69,7 +63,8 @@ def build_export_folder(root: Path, license: str | None = "mit", bits: float = 2
 def _zeroshot(ckpt_dir: Path, gguf_path: Path, tasks) -> dict:
     """Real zero-shot scores (4 examples per task) of the reference and of the GGUF in llama.cpp."""
     Z = pytest.importorskip("runtime_tests.zeroshot")
-    from paretoq_export.checkpoint import QuantizedCheckpoint
+    from paretoq_export.canonical.checkpoint import QuantizedCheckpoint
+    from qat.checkpoint_io import QATCheckpoint
     from runtime_tests.llamacpp import LlamaCppRunner
 
     ckpt = QuantizedCheckpoint.load(ckpt_dir)
@@ -145,7 +140,8 @@ def test_card_front_matter_tables_and_no_token(export_folder, monkeypatch, caplo
     assert float(all_bpw) > float(lin_bpw)  # the F16/F32 embedding and norms weigh more per weight
     assert size == MC.format_size(info["gguf"].stat().st_size)
     # the checkpoint row: packed codes + fp16 steps per quantized weight, as the checkpoint itself counts them
-    from paretoq_export.checkpoint import QuantizedCheckpoint
+    from paretoq_export.canonical.checkpoint import QuantizedCheckpoint
+    from qat.checkpoint_io import QATCheckpoint
 
     ckpt = QuantizedCheckpoint.load(info["checkpoint"])
     nb = ckpt.nbytes()

@@ -17,9 +17,9 @@ pytest.importorskip("onnxruntime")
 from formats import onnx as O  # noqa: E402
 from formats import onnx_graph  # noqa: E402
 from formats.onnx_nbits import NBitsError, choose_block_size, choose_encoding, encode_weight  # noqa: E402
-from formats.onnx_validate import (  # noqa: E402
-    ReadbackMismatch, decode_matmulnbits, validate_onnx, verify_onnx_readback)
-from qat.grids import GRIDS, grid_for_bits  # noqa: E402
+from formats.onnx_readback import ReadbackMismatch, decode_matmulnbits, verify_onnx_readback  # noqa: E402
+from formats.validation import validate_artifact  # noqa: E402
+from paretoq_export.canonical.grids import GRIDS, grid_for_bits  # noqa: E402
 from runtime_tests.onnxruntime_runner import OnnxRuntimeRunner  # noqa: E402
 
 ALL_BITS = (1, 1.58, 2, 3, 4)
@@ -91,12 +91,16 @@ def _one_node(w) -> ir.Node:
 # ------------------------------------------------------------------------------------------------ tiny models
 @functools.lru_cache(maxsize=None)
 def tiny_checkpoint(arch: str, bits: float, **kw):
-    from paretoq_export.checkpoint import QuantizedCheckpoint
+    from qat.checkpoint_io import QATCheckpoint
     from qat.prepare import QATConfig, prepare
     from tiny_models import tiny_model, tiny_tokenizer
 
     model = prepare(tiny_model(arch, **dict(kw)), QATConfig(bits=bits))
-    return QuantizedCheckpoint.from_qat_model(model, tiny_tokenizer(), recipe={"method": "rtn", "test": True})
+    return QATCheckpoint.from_qat_model(model, tiny_tokenizer(), recipe={"method": "rtn", "test": True})
+
+
+def _bit_exact(readback: dict) -> bool:
+    return readback["exact"] == readback["checked"] and not readback["mismatches"]
 
 
 def _ids(n: int = 128, vocab: int = 320) -> np.ndarray:
@@ -113,16 +117,16 @@ def test_tiny_level0_exact_and_matches_reference(tmp_path, arch, bits, capsys):
     result = _export(ckpt, tmp_path / "m")
     kinds = {r.module: r.container for r in result.records if r.grid is not None}
     assert len(kinds) == 7 * 2 and set(kinds.values()) == {CONTAINER[0][bits]}
-    report = validate_onnx(result.path, ckpt, _ids())
-    assert report["readback"]["bit_exact"] and report["readback"]["matmulnbits"] == 14
-    m = report["onnxruntime_vs_reference"]
+    report = validate_artifact(result.path, ckpt, _ids())
+    assert _bit_exact(report["readback"]) and report["readback"]["matmulnbits"] == 14
+    m = report["metrics"]
     with capsys.disabled():
-        print(f"\n{arch} {bits}-bit accuracy_level 0: max rel {m['max_rel_diff']:.2e} KL {m['mean_kl']:.2e} "
-              f"top-1 {m['top1_agreement']:.3f} PPL ratio {m['ppl_ratio']:.7f}")
+        print(f"\n{arch} {bits}-bit accuracy_level 0: max rel {m['max_rel_diff']:.2e} KL {m['kl_mean']:.2e} "
+              f"top-1 {m['top1']:.3f} PPL ratio {m['ppl_ratio']:.7f}")
     assert m["max_rel_diff"] < 1e-5, m  # float activations: only summation order differs
-    assert m["mean_kl"] < 1e-10 and m["top1_agreement"] == 1.0 and abs(m["ppl_ratio"] - 1) < 1e-5, m
-    assert report["generation"]["cached_equals_uncached"], report["generation"]
-    assert json.loads((result.path / "validation.json").read_text())["tokens"] == 128
+    assert m["kl_mean"] < 1e-10 and m["top1"] == 1.0 and abs(m["ppl_ratio"] - 1) < 1e-5, m
+    assert report["checks"]["generation"]["cached_equals_uncached"], report["checks"]["generation"]
+    assert m["tokens"] == 128
 
 
 @pytest.mark.parametrize("arch,bits", [(a, b) for a in ("llama", "qwen2") for b in ALL_BITS])
@@ -130,19 +134,19 @@ def test_tiny_level4_reported(tmp_path, arch, bits, capsys):
     ckpt = tiny_checkpoint(arch, bits)
     result = _export(ckpt, tmp_path / "m", accuracy_level=4)
     assert {r.container for r in result.records if r.grid is not None} == {CONTAINER[4][bits]}
-    report = validate_onnx(result.path, ckpt, _ids())
-    m = report["onnxruntime_vs_reference"]
+    report = validate_artifact(result.path, ckpt, _ids())
+    m = report["metrics"]
     with capsys.disabled():
-        print(f"\n{arch} {bits}-bit accuracy_level 4: max rel {m['max_rel_diff']:.2e} KL {m['mean_kl']:.2e} "
-              f"top-1 {m['top1_agreement']:.3f} (clear {m['top1_agreement_clear_margin']:.3f}) "
+        print(f"\n{arch} {bits}-bit accuracy_level 4: max rel {m['max_rel_diff']:.2e} KL {m['kl_mean']:.2e} "
+              f"top-1 {m['top1']:.3f} (clear {m['top1_clear_margin']:.3f}) "
               f"PPL ratio {m['ppl_ratio']:.5f}")
-    assert report["readback"]["bit_exact"] and report["accuracy_level"] == 4
-    assert m["mean_kl"] < 1e-3 and m["top1_agreement_clear_margin"] >= 0.97 and abs(m["ppl_ratio"] - 1) < 0.01, m
+    assert _bit_exact(report["readback"]) and report["runtime"]["accuracy_level"] == 4
+    assert m["kl_mean"] < 1e-3 and m["top1_clear_margin"] >= 0.97 and abs(m["ppl_ratio"] - 1) < 0.01, m
     if CONTAINER[4][bits] == "int2-float-zp":  # float zero points keep onnxruntime on its float path
         assert m["max_rel_diff"] < 1e-5
     else:  # int8 activations: close, but measurably not the float result
         assert m["max_rel_diff"] > 1e-5
-    assert report["generation"]["cached_equals_uncached"]
+    assert report["checks"]["generation"]["cached_equals_uncached"]
 
 
 def test_seq2_bits4_and_padded_block(tmp_path):
@@ -153,25 +157,25 @@ def test_seq2_bits4_and_padded_block(tmp_path):
     records = {r.module: r for r in result.records}
     down = records["model.layers.0.mlp.down_proj"]
     assert down.block_size == 128 and down.container == "int4"
-    report = validate_onnx(result.path, ckpt, _ids())
-    assert report["readback"]["bit_exact"]
-    assert 1e-5 < report["onnxruntime_vs_reference"]["max_rel_diff"] < 0.05
+    report = validate_artifact(result.path, ckpt, _ids())
+    assert _bit_exact(report["readback"])
+    assert 1e-5 < report["metrics"]["max_rel_diff"] < 0.05
     exact = _export(ckpt, tmp_path / "m0", seq2_bits=4)
-    assert validate_onnx(exact.path, ckpt, _ids())["onnxruntime_vs_reference"]["max_rel_diff"] < 1e-5
+    assert validate_artifact(exact.path, ckpt, _ids())["metrics"]["max_rel_diff"] < 1e-5
     assert result.nbytes > _export(ckpt, tmp_path / "m2").nbytes  # bits=4 is the larger container
 
 
 def test_untied_float_checkpoint(tmp_path):
     """A float (unquantized) checkpoint exports as plain MatMuls; an untied lm_head is its own tensor."""
-    from paretoq_export.checkpoint import QuantizedCheckpoint
+    from qat.checkpoint_io import QATCheckpoint
     from tiny_models import tiny_model, tiny_tokenizer
 
-    ckpt = QuantizedCheckpoint.from_float_model(tiny_model("llama", tie_word_embeddings=False), tiny_tokenizer())
+    ckpt = QATCheckpoint.from_float_model(tiny_model("llama", tie_word_embeddings=False), tiny_tokenizer())
     result = _export(ckpt, tmp_path / "m")
     assert {r.container for r in result.records} == {"float"}
-    report = validate_onnx(result.path, ckpt, _ids())
-    assert report["readback"]["matmulnbits"] == 0 and report["readback"]["bit_exact"]
-    assert report["onnxruntime_vs_reference"]["max_rel_diff"] < 1e-5
+    report = validate_artifact(result.path, ckpt, _ids())
+    assert report["readback"]["matmulnbits"] == 0 and _bit_exact(report["readback"])
+    assert report["metrics"]["max_rel_diff"] < 1e-5
     names = {i.name for i in onnx.load(result.model_path).graph.initializer}
     assert "lm_head.weight" in names and "model.embed_tokens.weight" in names
 
@@ -179,20 +183,20 @@ def test_untied_float_checkpoint(tmp_path):
 def test_quantized_embedding_and_external_data(tmp_path):
     """An 8-bit tied embedding: the Gather table holds its dequantized values, lm_head is a bits=8 MatMulNBits from
     the same codes; tensors in model.onnx.data load and read back the same."""
-    from paretoq_export.checkpoint import QuantizedCheckpoint
+    from qat.checkpoint_io import QATCheckpoint
     from qat.prepare import QATConfig, prepare
     from tiny_models import tiny_model, tiny_tokenizer
 
     model = prepare(tiny_model("llama"), QATConfig(bits=1.58, embedding_bits=8))
-    ckpt = QuantizedCheckpoint.from_qat_model(model, tiny_tokenizer())
+    ckpt = QATCheckpoint.from_qat_model(model, tiny_tokenizer())
     assert ckpt.tied and O.EMBED in ckpt.quantized
     result = _export(ckpt, tmp_path / "m", external_data=True)
     assert (result.path / "model.onnx.data").is_file()
     records = {r.module: r for r in result.records}
     assert records["lm_head"].container == "int8" and records["lm_head"].grid == "lsq8"
-    report = validate_onnx(result.path, ckpt, _ids())
-    assert report["readback"]["bit_exact"] and report["readback"]["matmulnbits"] == 15
-    assert report["onnxruntime_vs_reference"]["max_rel_diff"] < 1e-5
+    report = validate_artifact(result.path, ckpt, _ids())
+    assert _bit_exact(report["readback"]) and report["readback"]["matmulnbits"] == 15
+    assert report["metrics"]["max_rel_diff"] < 1e-5
 
 
 def test_graph_interface_and_folder(tmp_path):
@@ -301,14 +305,11 @@ def test_errors_are_clear_and_leave_no_folder(tmp_path, monkeypatch):
 
 
 def test_cli_default_folder_and_errors(tmp_path, capsys):
-    from formats import onnx_cli
     from paretoq_export import cli
 
     ckpt_dir = tiny_checkpoint("qwen2", 1.58).save(tmp_path / "ckpt")
-    parser = argparse.ArgumentParser()
-    onnx_cli.add_arguments(parser)
-    args = parser.parse_args([str(ckpt_dir), "--accuracy-level", "4", "--text", __file__, "--validate-tokens", "96"])
-    assert onnx_cli.run(args) == 0
+    assert cli.main(["export", "onnx", str(ckpt_dir), "--accuracy-level", "4", "--text", __file__,
+                     "--validate-tokens", "96"]) == 0
     out = capsys.readouterr().out
     folder = tmp_path / "model-ParetoQ-1.58bit-onnx-acc4"
     assert (folder / "validation.json").is_file() and (folder / "model.onnx").is_file()
@@ -323,26 +324,26 @@ def test_cli_default_folder_and_errors(tmp_path, capsys):
 def test_smollm2_2bit(tmp_path):
     """SmolLM2-135M 2-bit (RTN): exact read-back, PPL within 1% of the reference at accuracy_level 0, level 4
     reported, cached == uncached generation. Kept under ~2 minutes on 2 cores: one reference pass is shared."""
-    from formats.gguf_cli import validation_text
-    from formats.onnx_validate import reference_logits
-    from paretoq_export.checkpoint import QuantizedCheckpoint
+    from formats.validation import reference_logits
+    from paretoq_export.validation_text import validation_text
+    from qat.checkpoint_io import QATCheckpoint
     from paretoq_export.model_source import load_model
     from qat.prepare import QATConfig, prepare
 
     source = load_model(None)
-    ckpt = QuantizedCheckpoint.from_qat_model(prepare(source.model, QATConfig(bits=2)), source.tokenizer,
+    ckpt = QATCheckpoint.from_qat_model(prepare(source.model, QATConfig(bits=2)), source.tokenizer,
                                               recipe={"method": "rtn", "base_model": source.base_model})
     ids = np.asarray(ckpt.load_tokenizer()(validation_text())["input_ids"][:512])
     ref = reference_logits(ckpt, ids)
     result = _export(ckpt, tmp_path / "acc0")
     assert result.model_path.parent.name == "acc0" and result.nbytes < 100 * 2**20
     assert {r.block_size for r in result.records if r.grid} == {64, 128}  # 576 -> 64, 1536 -> 128
-    report = validate_onnx(result.path, ckpt, ids, reference=ref)
-    m = report["onnxruntime_vs_reference"]
+    report = validate_artifact(result.path, ckpt, ids, reference=ref)
+    m = report["metrics"]
     print(f"\nSmolLM2 2-bit level 0: {result.nbytes / 2**20:.1f} MiB; {json.dumps(m)}")
-    assert report["readback"]["bit_exact"] and report["readback"]["matmulnbits"] == 210
+    assert _bit_exact(report["readback"]) and report["readback"]["matmulnbits"] == 210
     assert abs(m["ppl_ratio"] - 1) < 0.01 and m["max_rel_diff"] < 1e-4, m
-    assert report["generation"]["cached_equals_uncached"]
+    assert report["checks"]["generation"]["cached_equals_uncached"]
     level4 = _export(ckpt, tmp_path / "acc4", accuracy_level=4, seq2_bits=4)
     runner = OnnxRuntimeRunner(level4.path)
     from runtime_tests.metrics import compare_logits

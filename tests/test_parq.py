@@ -10,8 +10,8 @@ pytest.importorskip("torchao.prototype.parq")
 
 from tiny_models import tiny_model  # noqa: E402
 
-from paretoq_export.checkpoint import QuantizedCheckpoint  # noqa: E402
-from qat.grids import grid_for_bits  # noqa: E402
+from paretoq_export.canonical.checkpoint import QuantizedCheckpoint  # noqa: E402
+from paretoq_export.canonical.grids import grid_for_bits  # noqa: E402
 from qat.parq import (  # noqa: E402
     PARQConfig,
     build_quant_optimizer,

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from formats.registry import detect_artifact
 from paretoq_export import cli
 from paretoq_export import validate as V
 
@@ -18,12 +19,12 @@ METRICS = {"tokens", "kl_mean", "top1", "ppl_reference", "ppl_artifact", "ppl_ra
 
 @functools.lru_cache(maxsize=None)
 def tiny_checkpoint(bits: float = 2):
-    from paretoq_export.checkpoint import QuantizedCheckpoint
+    from qat.checkpoint_io import QATCheckpoint
     from qat.prepare import QATConfig, prepare
     from tiny_models import tiny_model, tiny_tokenizer
 
     model = prepare(tiny_model("llama"), QATConfig(bits=bits))
-    return QuantizedCheckpoint.from_qat_model(model, tiny_tokenizer(), recipe={"method": "rtn", "test": True})
+    return QATCheckpoint.from_qat_model(model, tiny_tokenizer(), recipe={"method": "rtn", "test": True})
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,8 @@ def test_onnx_validates_with_zero_shot(tmp_path, capsys, ckpt_dir, onnx_folder):
     assert zs["reference"]["arc_easy"]["n"] == 3 and zs["reference"] == zs["artifact"]
     assert "zero-shot acc" in out and "arc_easy" in out
     # a path to model.onnx itself is the same artifact
-    assert V.detect_format(onnx_folder / "model.onnx") == ("onnx", onnx_folder)
+    fmt, path = detect_artifact(onnx_folder / "model.onnx")
+    assert (fmt.name, path) == ("onnx", onnx_folder)
 
 
 # ------------------------------------------------------------------------------------------------ corrupted
@@ -169,8 +171,9 @@ def test_unknown_task_missing_checkpoint_and_text(tmp_path, capsys, ckpt_dir, gg
 def test_detect_format_by_magic(tmp_path, gguf_file):
     renamed = tmp_path / "model.bin"
     renamed.write_bytes(gguf_file.read_bytes())
-    assert V.detect_format(renamed) == ("gguf", renamed)
-    assert np.isclose(V.artifact_bytes("gguf", renamed), gguf_file.stat().st_size)
+    fmt, path = detect_artifact(renamed)
+    assert (fmt.name, path) == ("gguf", renamed)
+    assert np.isclose(fmt.artifact_bytes(renamed), gguf_file.stat().st_size)
 
 
 # ------------------------------------------------------------------------------------------------ ExecuTorch
@@ -178,6 +181,7 @@ def test_detect_format_by_magic(tmp_path, gguf_file):
 def test_executorch_validates_and_corruption_is_named(tmp_path, capsys, ckpt_dir):
     pytest.importorskip("executorch")
     from formats.executorch import ExecuTorchOptions, export_executorch
+    from formats.executorch_readback import xnnpack_weight_bytes
     from formats.executorch_weights import intx_weight
 
     pte = export_executorch(tiny_checkpoint(), tmp_path / "m.pte",
@@ -192,7 +196,7 @@ def test_executorch_validates_and_corruption_is_named(tmp_path, capsys, ckpt_dir
     assert "content hash" in rb["note"]
     # flip one byte inside the packed codes of one linear: named through its content hash
     q = tiny_checkpoint().quantized["model.layers.1.mlp.up_proj.weight"]
-    packed = V._xnnpack_weight_bytes(intx_weight(q.codes, q.scale, q.grid).qdata.numpy(), 4)
+    packed = xnnpack_weight_bytes(intx_weight(q.codes, q.scale, q.grid).qdata.numpy(), 4)
     data = pte.read_bytes()
     assert data.count(packed) == 1
     bad = tmp_path / "bad.pte"

@@ -23,12 +23,12 @@ EXPECTED_CHOICES = {"arc_easy": {3, 4, 5}, "arc_challenge": {3, 4, 5}, "boolq": 
 
 @functools.lru_cache(maxsize=None)
 def tiny_checkpoint(bits: float = 2):
-    from paretoq_export.checkpoint import QuantizedCheckpoint
+    from qat.checkpoint_io import QATCheckpoint
     from qat.prepare import QATConfig, prepare
     from tiny_models import tiny_model
 
     model = prepare(tiny_model("llama"), QATConfig(bits=bits))
-    return QuantizedCheckpoint.from_qat_model(model, tokenizer(), recipe={"method": "rtn", "test": True})
+    return QATCheckpoint.from_qat_model(model, tokenizer(), recipe={"method": "rtn", "test": True})
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,8 +1,7 @@
 """Benchmark ONE exported file in this (fresh) process and print a JSON line: the parent
 (paretoq_export.bench) starts one worker per artifact so that peak RSS and load time belong to that artifact alone.
 
-    python -m runtime_tests.bench_worker PATH --format gguf|onnx|executorch [--threads 2] [--repeats 5]
-                                              [--pp 128] [--tg 64]
+    python -m paretoq_export.bench_worker PATH --format NAME [--threads 2] [--repeats 5] [--pp 128] [--tg 64]
 
 Prints one JSON object on stdout: load_s, per-repeat pp/tg tokens/s, peak RSS (VmHWM) before and after loading.
 A failure prints ``error: ...`` (one line) on stderr and exits 2.
@@ -17,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-FORMATS = ("gguf", "onnx", "executorch")
 
 
 def _set_thread_env(threads: int) -> None:
@@ -26,37 +24,19 @@ def _set_thread_env(threads: int) -> None:
         os.environ[var] = str(threads)
 
 
-def _open_runner(path: Path, fmt: str, threads: int, context: int):
-    """The runtime_tests runner of ``fmt``, opened for speed (no all-position logits, runtime-default KV types)."""
-    if fmt == "gguf":
-        from runtime_tests.llamacpp import LlamaCppRunner
-
-        # F16 KV cache and last-token logits only: what llama-bench measures
-        return LlamaCppRunner(path, n_threads=threads, n_ctx=context, n_batch=max(32, context),
-                              logits_all=False, kv_f32=False)
-    if fmt == "onnx":
-        from runtime_tests.onnxruntime_runner import OnnxRuntimeRunner
-
-        return OnnxRuntimeRunner(path if path.is_dir() else path.parent, n_threads=threads)
-    if fmt == "executorch":
-        import torch
-
-        torch.set_num_threads(threads)
-        from runtime_tests.executorch_runner import ExecuTorchRunner
-
-        return ExecuTorchRunner(path, threads=threads)
-    raise ValueError(f"unknown format {fmt!r}: choose from {', '.join(FORMATS)}")
-
-
 def bench_one(path: str | os.PathLike, fmt: str, threads: int = 2, repeats: int = 5, pp: int = 128,
               tg: int = 64) -> dict:
-    """Load ``path`` and time ``repeats`` prefill (pp tokens in one call) + decode (tg single-token steps) runs."""
+    """Load ``path`` and time ``repeats`` prefill (pp tokens in one call) + decode (tg single-token steps) runs,
+    with the format's runner opened for speed (no all-position logits, runtime-default KV types)."""
+    from formats.registry import detect_artifact, format_named
     from runtime_tests.onnxruntime_runner import peak_rss_mib
 
     path = Path(path)
+    fmt_object = format_named(fmt)
+    runtime_path = detect_artifact(path)[1]
     rss_before = peak_rss_mib()
     t0 = time.perf_counter()
-    runner = _open_runner(path, fmt, threads, pp + tg + 16)
+    runner = fmt_object.open_runner(runtime_path, threads, pp + tg + 16, for_speed=True)
     load_s = time.perf_counter() - t0
     pp_tps: list[float] = []
     tg_tps: list[float] = []
@@ -80,7 +60,9 @@ def bench_one(path: str | os.PathLike, fmt: str, threads: int = 2, repeats: int 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path")
-    p.add_argument("--format", required=True, choices=FORMATS)
+    from formats.registry import NAMES
+
+    p.add_argument("--format", required=True, choices=NAMES)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--pp", type=int, default=128)

@@ -11,6 +11,10 @@ On disk it is a transformers-style directory:
 A quantized weight is ``w[r, c] = scales[r] * (code[r, c] - zero)`` with the grid's zero (DESIGN.md section 2),
 evaluated in float32, where it is exact. Directories are written to a temporary sibling and renamed into place,
 and config.json records the sha256 of the weights, so a half-written or corrupted checkpoint never loads.
+
+The checkpoint is made from models by qat.checkpoint_io (trained QAT models, float models, ParetoQ reference
+checkpoints, on-grid weights): the producers sit with the code that makes their input, this module only holds,
+reads and writes it.
 """
 
 from __future__ import annotations
@@ -28,17 +32,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from paretoq_export.atomic import atomic_dir
-from paretoq_export.packing import pack_codes, packed_row_bytes, unpack_codes
-from qat.grids import GRIDS, Grid, grid_for_bits
-from qat.prepare import DECODER_LINEARS, quantized_modules
-from qat.quantizers import alpha_to_step, dequantize_codes, quantize_codes
+from paretoq_export.canonical.atomic import atomic_dir
+from paretoq_export.canonical.grids import GRIDS, Grid, dequantize_codes
+from paretoq_export.canonical.packing import pack_codes, packed_row_bytes, unpack_codes
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 QUANT_METHOD = "paretoq"
-_FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class CheckpointError(ValueError):
@@ -67,13 +69,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / FSDP wrappers
-        model = model.module
-    return getattr(model, "_orig_mod", model)  # torch.compile
-
-
-def _tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
+def saved_tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
+    """The files ``tokenizer.save_pretrained`` writes, by name (what a checkpoint keeps beside its weights)."""
     if tokenizer is None:
         return {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,27 +78,14 @@ def _tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
 
 
-def _to_float_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def to_float_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float tensor in the checkpoint's float dtype (integer tensors unchanged); overflow is an error."""
     if not tensor.is_floating_point():
         return tensor.contiguous()
     out = tensor.detach().to(dtype)
     if not torch.isfinite(out).all():
         raise CheckpointError(f"tensor {name} overflows {dtype}: save with float_dtype='float32' (--float-dtype)")
     return out.contiguous()
-
-
-def _float_tensors_and_config(model: nn.Module, skip: set[str], float_dtype: str) -> tuple[dict, dict]:
-    """Every tensor of the model not in ``skip`` (alphas and a tied lm_head excluded) in ``float_dtype``, and the
-    model config without any quantization_config."""
-    skip = set(skip)
-    if getattr(model.config, "tie_word_embeddings", False):
-        skip.add("lm_head.weight")  # the shared table is stored once, under the embedding's name
-    dtype = _FLOAT_DTYPES[float_dtype]
-    tensors = {k: _to_float_dtype(k, v.cpu(), dtype) for k, v in model.state_dict().items()
-               if k not in skip and not k.endswith(".alpha")}
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    return tensors, config
 
 
 @dataclass
@@ -111,125 +95,6 @@ class QuantizedCheckpoint:
     tensors: dict[str, torch.Tensor]  # every other tensor of the state dict
     tokenizer_files: dict[str, bytes] = field(default_factory=dict)
     recipe: dict = field(default_factory=dict)
-
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_qat_model(
-        cls,
-        model: nn.Module,
-        tokenizer: Any = None,
-        recipe: dict | None = None,
-        float_dtype: str = "float16",
-    ) -> "QuantizedCheckpoint":
-        """Derive codes and fp16 steps once from a prepare()'d model's latent weights and trained alphas."""
-        model = _unwrap(model)
-        modules = quantized_modules(model)
-        if not modules:
-            raise CheckpointError("the model has no ParetoQ modules: run qat.prepare(model, QATConfig(...)) first")
-        tied = bool(getattr(model.config, "tie_word_embeddings", False))
-        quantized: dict[str, QuantizedTensor] = {}
-        for name, module in modules.items():
-            key = f"{name}.weight"
-            if tied and module is model.get_output_embeddings():
-                continue  # the shared table is stored once, under the embedding's name
-            codes = quantize_codes(module.weight.detach(), module.alpha.detach(), module.grid)
-            quantized[key] = QuantizedTensor(codes.cpu(), alpha_to_step(module.alpha, module.grid).cpu(), module.grid)
-        tensors, config = _float_tensors_and_config(model, skip=set(quantized), float_dtype=float_dtype)
-        full_recipe = dict(recipe or {})
-        qat_config = getattr(model, "_paretoq_config", None)
-        if qat_config is not None:
-            full_recipe.setdefault("qat_config", qat_config.to_json())
-        full_recipe.setdefault("float_dtype", float_dtype)
-        return cls(config, quantized, tensors, _tokenizer_files(tokenizer), full_recipe)
-
-    @classmethod
-    def from_float_model(
-        cls,
-        model: nn.Module,
-        tokenizer: Any = None,
-        recipe: dict | None = None,
-        float_dtype: str = "float16",
-    ) -> "QuantizedCheckpoint":
-        """An unquantized model in checkpoint form (no quantized modules): the float baseline that exporters turn
-        into F16 / Q8_0 files for size, speed and accuracy comparisons."""
-        model = _unwrap(model)
-        if quantized_modules(model):
-            raise CheckpointError("the model has ParetoQ modules: use QuantizedCheckpoint.from_qat_model")
-        tensors, config = _float_tensors_and_config(model, skip=set(), float_dtype=float_dtype)
-        full_recipe = {"method": "float", **(recipe or {}), "float_dtype": float_dtype}
-        return cls(config, {}, tensors, _tokenizer_files(tokenizer), full_recipe)
-
-    @classmethod
-    def from_paretoq_reference(
-        cls,
-        state_dict: dict[str, torch.Tensor],
-        config: dict,
-        bits: float | str,
-        tokenizer: Any = None,
-        float_dtype: str = "float16",
-    ) -> "QuantizedCheckpoint":
-        """Import a ParetoQ reference training checkpoint: latent ``weight`` plus ``weight_clip_val`` per linear.
-
-        ``bits`` is the run's ``w_bits`` (0 means ternary there). Codes are derived with the reference forward.
-        """
-        grid = grid_for_bits(bits)
-        clip_keys = [k for k in state_dict if k.endswith(".weight_clip_val")]
-        if not clip_keys:
-            raise CheckpointError(
-                "no '*.weight_clip_val' tensors found: this is not a ParetoQ reference training checkpoint "
-                "(for weights already on the grid use --import on-grid)"
-            )
-        quantized = {}
-        for clip_key in clip_keys:
-            key = clip_key[: -len("_clip_val")]
-            if key not in state_dict:
-                raise CheckpointError(f"{clip_key} has no matching {key}: the checkpoint is incomplete")
-            weight, alpha = state_dict[key].float(), state_dict[clip_key].float().reshape(-1, 1)
-            quantized[key] = QuantizedTensor(quantize_codes(weight, alpha, grid), alpha_to_step(alpha, grid), grid)
-        skip = set(quantized) | set(clip_keys)
-        if config.get("tie_word_embeddings"):
-            skip.add("lm_head.weight")
-        dtype = _FLOAT_DTYPES[float_dtype]
-        tensors = {k: _to_float_dtype(k, v, dtype) for k, v in state_dict.items() if k not in skip}
-        recipe = {"imported_from": "paretoq-reference", "w_bits": grid.bits, "float_dtype": float_dtype}
-        config = {k: v for k, v in config.items() if k != "quantization_config"}
-        return cls(config, quantized, tensors, _tokenizer_files(tokenizer), recipe)
-
-    @classmethod
-    def from_on_grid_model(
-        cls,
-        model: nn.Module,
-        bits: float | str,
-        tokenizer: Any = None,
-        target_modules: tuple[str, ...] = DECODER_LINEARS,
-        overrides: dict[str, float] | None = None,
-        float_dtype: str = "float16",
-    ) -> "QuantizedCheckpoint":
-        """Import a model whose target linears already hold grid values (e.g. MobileLLM-ParetoQ in bf16).
-
-        Each row's codes and step are recovered; a row with more distinct values than the grid has levels, or
-        values off the grid by more than bf16 rounding, is an error naming the module and row.
-        """
-        from qat.prepare import QATConfig
-
-        qcfg = QATConfig(bits=bits, target_modules=target_modules, overrides=overrides or {})
-        state = model.state_dict()
-        quantized = {}
-        for name, module in model.named_modules():
-            if type(module) is nn.Linear and name.split(".")[-1] in target_modules:
-                grid = grid_for_bits(qcfg.bits_for(name))
-                quantized[f"{name}.weight"] = recover_grid_codes(module.weight.detach(), grid, name)
-        if not quantized:
-            raise CheckpointError(f"no {'/'.join(target_modules)} linears in {type(model).__name__}")
-        skip = set(quantized)
-        if getattr(model.config, "tie_word_embeddings", False):
-            skip.add("lm_head.weight")
-        dtype = _FLOAT_DTYPES[float_dtype]
-        tensors = {k: _to_float_dtype(k, v, dtype) for k, v in state.items() if k not in skip}
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        recipe = {"imported_from": "on-grid", "qat_config": qcfg.to_json(), "float_dtype": float_dtype}
-        return cls(config, quantized, tensors, _tokenizer_files(tokenizer), recipe)
 
     # ------------------------------------------------------------------ views
     @property
@@ -381,45 +246,9 @@ def _rebuild_buffer(model: nn.Module, module_name: str, module: nn.Module, buf_n
     raise CheckpointError(f"cannot rebuild buffer {module_name}.{buf_name} of {type(module).__name__}")
 
 
-def recover_grid_codes(weight: torch.Tensor, grid: Grid, name: str = "weight") -> QuantizedTensor:
-    """Recover per-row (codes, fp16 step) of a weight whose rows already hold values of ``grid``.
-
-    The step is fitted per row: try each level magnitude as the row's largest |w|, keep the candidate whose
-    codes reproduce the row best, then refine s by least squares and round it to fp16.
-    """
-    w = weight.detach().float()
-    sorted_w = w.sort(dim=-1).values
-    distinct = 1 + (sorted_w[:, 1:] != sorted_w[:, :-1]).sum(dim=-1)
-    bad = torch.nonzero(distinct > grid.n_codes).flatten()
-    if len(bad):
-        r = int(bad[0])
-        raise CheckpointError(
-            f"{name} row {r} has {int(distinct[r])} distinct values but the {grid.name} grid has {grid.n_codes}: "
-            f"these weights are not {grid.bits}-bit (pick the right --bits, or run `quantize`/`qat`)"
-        )
-    amax = w.abs().amax(dim=-1, keepdim=True)
-    magnitudes = sorted({abs(q - grid.zero) for q in range(grid.n_codes)} - {0.0})
-    best_err, best_codes = None, None
-    for m in magnitudes:  # candidate: the row's largest |w| sits at level magnitude m
-        s = torch.where(amax > 0, amax / m, torch.ones_like(amax))
-        codes = torch.round(w / s + grid.zero).clamp(0, grid.n_codes - 1)
-        err = ((codes - grid.zero) * s - w).abs().amax(dim=-1, keepdim=True)
-        if best_err is None:
-            best_err, best_codes = err, codes
-        else:
-            better = err <= best_err  # ties go to the finer step
-            best_err = torch.where(better, err, best_err)
-            best_codes = torch.where(better, codes, best_codes)
-    centred = best_codes - grid.zero
-    denom = (centred * centred).sum(dim=-1, keepdim=True)
-    step = torch.where(denom > 0, (w * centred).sum(dim=-1, keepdim=True) / denom.clamp_min(1e-30), 0.0)
-    step16 = step.reshape(-1).to(torch.float16)
-    deviation = (centred * step16.float().reshape(-1, 1) - w).abs().amax(dim=-1) / amax.reshape(-1).clamp_min(1e-30)
-    tol = 2.0**-7  # bf16 stores 8 significant bits: grid values rounded to bf16 deviate by < 2^-8 relative
-    worst = int(deviation.argmax())
-    if deviation[worst] > tol:
-        raise CheckpointError(
-            f"{name} row {worst} is off the {grid.name} grid (max deviation {float(deviation[worst]):.2e} of the "
-            f"row's max): these weights are not {grid.bits}-bit, pick the right --bits"
-        )
-    return QuantizedTensor(best_codes.to(torch.uint8), step16, grid)
+def open_checkpoint(checkpoint: "QuantizedCheckpoint | str | os.PathLike") -> tuple[QuantizedCheckpoint, Path | None]:
+    """What every exporter takes: a QuantizedCheckpoint, or its directory (loaded here); and that directory, where
+    default output names are placed (None for an in-memory checkpoint)."""
+    if isinstance(checkpoint, QuantizedCheckpoint):
+        return checkpoint, None
+    return QuantizedCheckpoint.load(checkpoint), Path(checkpoint)

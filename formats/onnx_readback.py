@@ -1,31 +1,20 @@
-"""Validation of an exported ONNX folder against its checkpoint.
-
-    verify_onnx_readback(folder, checkpoint)   every MatMulNBits weight decoded by onnxruntime itself, and every
-                                               float initializer, equals the checkpoint's dequantized tensor bit
-                                               for bit
-    validate_onnx(folder, checkpoint, ids)     read-back + onnxruntime logits vs the PyTorch reference (KL, top-1,
-                                               PPL ratio) + cached vs uncached greedy generation; JSON in the folder
-"""
+"""Reading an exported ONNX folder back: every MatMulNBits weight decoded by onnxruntime itself, and every float
+initializer, equals the checkpoint's dequantized tensor bit for bit (``verify_onnx_readback``)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
-from formats.onnx import EMBED, MODEL_FILE, VALIDATION_FILE, _load, quantized_weight
+from formats.onnx import EMBED, MODEL_FILE, quantized_weight
 from formats.onnx_graph import IR_VERSION, MS_DOMAIN, OPSET
+from formats.protocol import ReadbackMismatch
+from paretoq_export.canonical.checkpoint import open_checkpoint
 
 _DECODE_ROWS = 1024  # identity rows per decoding run: bounds memory for wide K
-
-
-class ReadbackMismatch(ValueError):
-    """A tensor read back from the ONNX model differs from the checkpoint."""
 
 
 def decode_matmulnbits(node: ir.Node) -> np.ndarray:
@@ -85,7 +74,7 @@ def verify_onnx_readback(folder: str | os.PathLike, checkpoint, progress: bool |
     (exact float32 equality). Raises ReadbackMismatch naming the first tensor that differs or is missing."""
     from tqdm.auto import tqdm
 
-    ckpt, _ = _load(checkpoint)
+    ckpt, _ = open_checkpoint(checkpoint)
     model = ir.load(Path(folder) / MODEL_FILE)
     floats = _initializer_values(model)
     expected = _expected_floats(ckpt)
@@ -111,47 +100,3 @@ def verify_onnx_readback(folder: str | os.PathLike, checkpoint, progress: bool |
         raise ReadbackMismatch(f"{folder} lacks tensors {sorted(missing)[:3]}")
     n_quant = sum(1 for v in checked.values() if v == "MatMulNBits")
     return {"tensors": len(checked), "matmulnbits": n_quant, "float": len(checked) - n_quant, "bit_exact": True}
-
-
-def reference_logits(ckpt, ids: np.ndarray) -> np.ndarray:
-    import torch
-
-    model = ckpt.build_reference_model()
-    with torch.no_grad():
-        return model(torch.from_numpy(np.asarray(ids, dtype=np.int64)).unsqueeze(0)).logits[0].double().numpy()
-
-
-def validate_onnx(folder: str | os.PathLike, checkpoint, token_ids: Sequence[int] | np.ndarray, n_threads: int = 2,
-                  generate_tokens: int = 16, prompt_tokens: int = 16, margin: float | None = None,
-                  json_path: str | os.PathLike | None = None, reference: np.ndarray | None = None) -> dict:
-    """Read-back exactness, onnxruntime vs PyTorch logits on ``token_ids`` (one sequence), and greedy generation
-    with the KV cache vs without it (token for token). Written to ``<folder>/validation.json`` and returned.
-    ``reference``: precomputed reference logits [T, V] for ``token_ids`` (to share one reference run)."""
-    from runtime_tests.metrics import compare_logits
-    from runtime_tests.onnxruntime_runner import OnnxRuntimeRunner
-
-    ckpt, _ = _load(checkpoint)
-    folder = Path(folder)
-    readback = verify_onnx_readback(folder, ckpt)
-    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-    ref = reference if reference is not None else reference_logits(ckpt, ids)
-    runner = OnnxRuntimeRunner(folder, n_threads=n_threads)
-    test = runner.logits(ids).astype(np.float64)
-    metrics = compare_logits(ref[:-1], test[:-1], ids[1:], margin=margin)
-    metrics["max_rel_diff"] = float(np.abs(ref - test).max() / np.abs(ref).max())
-    prompt = ids[:prompt_tokens].tolist()
-    cached = runner.generate(prompt, generate_tokens, use_cache=True)
-    uncached = runner.generate(prompt, generate_tokens, use_cache=False)
-    meta = {p.key: p.value for p in onnx.load(folder / MODEL_FILE, load_external_data=False).metadata_props}
-    result = {
-        "onnx": str(folder), "tokens": int(len(ids)), "threads": n_threads,
-        "accuracy_level": int(meta.get("paretoq.accuracy_level", -1)),
-        "readback": readback, "onnxruntime_vs_reference": metrics,
-        "generation": {"prompt_tokens": len(prompt), "new_tokens": generate_tokens, "cached": cached,
-                       "uncached": uncached, "cached_equals_uncached": cached == uncached},
-    }
-    json_path = Path(json_path) if json_path else folder / VALIDATION_FILE
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    result["json"] = str(json_path)
-    return result
-

@@ -1,0 +1,196 @@
+"""GGUF metadata of a canonical checkpoint: the llama.cpp architecture and hyper-parameters from the model
+description, Q/K row order for llama.cpp's rope layout, rope frequency factors, file names and the paretoq.* keys
+that say what each tensor holds."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from formats.gguf_types import GGUFExportError, GGUFOptions, TensorRecord, choose_tensor_type
+from paretoq_export.canonical.grids import format_bits
+from paretoq_export.canonical.licenses import known_license
+from paretoq_export.canonical.model_description import ModelDescription
+
+
+PARETOQ_VERSION = "0.1.0"
+
+
+QUANTIZED_BY = "paretoq-export"
+
+
+# families llama.cpp runs with interleaved rope pairs where transformers rotates halves: their Q/K rows are permuted
+_INTERLEAVED_ROPE = {"llama"}
+
+
+_FILE_TYPES = {
+    T.F32: gguf.LlamaFileType.ALL_F32, T.F16: gguf.LlamaFileType.MOSTLY_F16, T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+    T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, T.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K,
+    T.Q3_K: gguf.LlamaFileType.MOSTLY_Q3_K_S, T.TQ1_0: gguf.LlamaFileType.MOSTLY_TQ1_0,
+    T.TQ2_0: gguf.LlamaFileType.MOSTLY_TQ2_0,
+}
+
+
+def describe_model(config: dict) -> tuple[ModelDescription, gguf.MODEL_ARCH, bool]:
+    """The model, its llama.cpp architecture (named as the family) and whether Q/K rows are permuted."""
+    model = ModelDescription.from_config(config, "GGUF", GGUFExportError)
+    return model, gguf.MODEL_ARCH[model.model_type.upper()], model.model_type in _INTERLEAVED_ROPE
+
+
+def _permutation(rows: int, n_head: int) -> np.ndarray:
+    """Row order of convert_hf_to_gguf's LlamaModel.permute: per head, interleave the two rotary halves."""
+    idx = np.arange(rows)
+    return idx.reshape(n_head, 2, rows // n_head // 2).swapaxes(1, 2).reshape(rows)
+
+
+def row_permutation(hf_name: str, rows: int, model: ModelDescription, permute: bool) -> np.ndarray | None:
+    if not permute:
+        return None
+    if ".q_proj." in hf_name:
+        return _permutation(rows, model.n_heads)
+    if ".k_proj." in hf_name:
+        return _permutation(rows, model.n_kv_heads)
+    return None
+
+
+def _base_model(ckpt, options: GGUFOptions) -> str | None:
+    return options.base_model or ckpt.recipe.get("base_model") or None
+
+
+def _basename(ckpt, options: GGUFOptions) -> str:
+    base = _base_model(ckpt, options) or str(ckpt.config.get("_name_or_path") or "") or "model"
+    return base.rstrip("/").split("/")[-1] or "model"
+
+
+def n_params(ckpt) -> int:
+    total = sum(int(np.prod(q.shape)) for q in ckpt.quantized.values())
+    return total + sum(int(t.numel()) for t in ckpt.tensors.values())
+
+
+def default_filename(ckpt, options: GGUFOptions | None = None, file_type: str | None = None) -> str:
+    """GGUF naming convention: <BaseName>-<SizeLabel>-<FineTune>-<Encoding>.gguf, e.g.
+    SmolLM2-135M-Instruct-ParetoQ-2bit-Q2_K.gguf (the size label is left out when the name already has one)."""
+    options = options or GGUFOptions()
+    base = _basename(ckpt, options)
+    size = gguf.size_label(n_params(ckpt), 0, 0, 0)
+    if re.search(r"-\d+(\.\d+)?[KMBT]\b", base, re.I):
+        size = None
+    bits = sorted({q.grid.bits for q in ckpt.quantized.values()})
+    finetune = "ParetoQ-" + "-".join(f"{format_bits(b)}bit" for b in bits) if bits else "ParetoQ"
+    if file_type is None:
+        file_type = _preferred_summary_type(ckpt, options)
+    return gguf.naming_convention(None, base, finetune, None, size, file_type) + ".gguf"
+
+
+def _preferred_summary_type(ckpt, options: GGUFOptions) -> str:
+    counts: dict[str, int] = {}
+    for key, q in ckpt.quantized.items():
+        try:
+            t = choose_tensor_type(key, q.grid, q.shape, options).ggml_type.name
+        except GGUFExportError:
+            t = "F32"
+        counts[t] = counts.get(t, 0) + int(np.prod(q.shape))
+    return max(counts, key=counts.get) if counts else "F16"
+
+
+def extra_tensors(model: ModelDescription, name_map) -> list[tuple[str, np.ndarray, T]]:
+    rope = model.rope
+    if model.model_type != "llama" or str(rope.get("rope_type", "")).lower() != "llama3":
+        return []
+    base, dim = rope.get("rope_theta", 10000.0), model.head_dim  # as convert_hf_to_gguf generate_extra_tensors
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, lo, hi = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old = rope.get("original_max_position_embeddings", 8192)
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old / hi:
+            out.append(1.0)
+        elif wavelen > old / lo:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - lo) / (hi - lo)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+    return [(name, np.array(out, dtype=np.float32), T.F32)]
+
+
+def llama_file_type(records: list[TensorRecord]) -> gguf.LlamaFileType:
+    weights: dict[str, int] = {}
+    for r in records:
+        if r.grid is not None:
+            weights[r.ggml_type] = weights.get(r.ggml_type, 0) + int(np.prod(r.shape))
+    if not weights:
+        return gguf.LlamaFileType.MOSTLY_F16
+    return _FILE_TYPES.get(T[max(weights, key=weights.get)], gguf.LlamaFileType.GUESSED)
+
+
+def add_metadata(writer, ckpt, model: ModelDescription, options, records, file_type) -> None:
+    base_model = _base_model(ckpt, options)
+    basename = _basename(ckpt, options)
+    bits = sorted({r.bits for r in records if r.bits is not None})
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(options.name or f"{basename} ParetoQ {'/'.join(format_bits(b) for b in bits)}-bit")
+    writer.add_basename(basename)
+    writer.add_size_label(gguf.size_label(n_params(ckpt), 0, 0, 0))
+    writer.add_quantized_by(QUANTIZED_BY)
+    writer.add_file_type(int(file_type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    license_ = options.license or ckpt.recipe.get("license")
+    if not license_ and base_model:
+        license_ = known_license(base_model)
+    if license_:
+        writer.add_license(license_)
+    if base_model:
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, base_model.split("/")[-1])
+        if "/" in base_model:
+            writer.add_base_model_organization(0, base_model.split("/")[0])
+            writer.add_base_model_repo_url(0, f"https://huggingface.co/{base_model}")
+
+    # hyper-parameters, as convert_hf_to_gguf's TextModel / LlamaModel / Qwen2Model / Qwen3Model write them
+    writer.add_context_length(model.max_positions)
+    writer.add_embedding_length(model.hidden)
+    writer.add_block_count(model.n_layers)
+    writer.add_feed_forward_length(model.intermediate)
+    writer.add_head_count(model.n_heads)
+    writer.add_head_count_kv(model.n_kv_heads)
+    writer.add_layer_norm_rms_eps(model.rms_eps)
+    rope = model.rope
+    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    rope_type, factor = str(rope.get("rope_type") or "default").lower(), rope.get("factor")
+    if rope_type == "linear" and factor:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(factor))
+    elif rope_type == "yarn" and factor:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(factor))
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    elif rope_type not in ("default", "llama3"):
+        raise GGUFExportError(f"rope type {rope_type!r} is not supported by the GGUF exporter (default, linear, "
+                              "yarn, llama3)")
+    head_dim = model.head_dim
+    if model.model_type == "llama":
+        writer.add_vocab_size(model.vocab)
+        writer.add_rope_dimension_count(head_dim)
+    if model.explicit_head_dim and (model.qk_norm or head_dim != model.hidden // model.n_heads):
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+
+    # paretoq.* : what each tensor holds and how it was made
+    writer.add_string("paretoq.version", PARETOQ_VERSION)
+    writer.add_string("paretoq.recipe", json.dumps(ckpt.recipe, sort_keys=True, default=str))
+    writer.add_string("paretoq.canonical_form", "w = s * (q - z), s fp16 per output row, evaluated in float32")
+    quant = [r for r in records if r.grid is not None]
+    writer.add_array("paretoq.quantized_tensors", [r.gguf_name for r in quant] or [""])
+    writer.add_array("paretoq.tensor_bits", [float(r.bits) for r in quant] or [0.0])
+    writer.add_array("paretoq.tensor_grids", [r.grid for r in quant] or [""])
+    writer.add_array("paretoq.tensor_types", [r.ggml_type for r in quant] or [""])
+    writer.add_array("paretoq.fallbacks", [f"{r.gguf_name}: {r.reason}" for r in records if r.fallback] or [""])
+    writer.add_array("paretoq.lossy_tensors", [r.gguf_name for r in records if r.lossy] or [""])
+    writer.add_bool("paretoq.exact", not any(r.lossy for r in records))

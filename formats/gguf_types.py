@@ -1,0 +1,171 @@
+"""Which ggml type holds each tensor of a GGUF export: the grid's exact container (fallbacks where a row does not
+fit the block), --tensor-type overrides refused unless exact or --allow-lossy; and the export options that steer
+the choice."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from formats.gguf_blocks import ENCODERS
+from paretoq_export.canonical.grids import Grid, format_bits
+
+
+# preferred container per grid (ternary/binary follow --ternary-type); fallbacks when a row does not fit
+_PREFERRED = {"seq2": T.Q2_K, "lsq3": T.Q3_K, "lsq4": T.Q4_0, "lsq8": T.Q8_0}
+
+
+_FALLBACKS = (T.Q4_0, T.Q8_0, T.F32)
+
+
+# lossy types gguf-py can quantize floats into (embedding/output size options, --allow-lossy overrides)
+_LOSSY_OK = {T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.TQ1_0, T.TQ2_0}
+
+
+class GGUFExportError(ValueError):
+    """A GGUF export the user can fix; the message is one line naming the problem and the fix."""
+
+
+@dataclass
+class GGUFOptions:
+    ternary_type: str = "TQ2_0"  # container for ternary and binary grids: TQ2_0 (fast) or TQ1_0 (small)
+    embedding_type: str | None = None  # token_embd; None: F16 (F32 when F16 would round)
+    output_type: str | None = None  # output.weight (untied models only)
+    tensor_types: Sequence[str] = ()  # "REGEX=TYPE", matched (re.search) against GGUF and HF tensor names
+    allow_lossy: bool = False
+    overwrite: bool = False
+    name: str | None = None  # general.name; default from the base model
+    base_model: str | None = None  # hub id of the base model; default from the checkpoint's recipe
+    license: str | None = None
+    progress: bool | None = None  # tqdm: None = only on a terminal
+
+
+@dataclass
+class TensorRecord:
+    hf_name: str
+    gguf_name: str
+    ggml_type: str
+    shape: tuple[int, ...]
+    nbytes: int
+    grid: str | None
+    bits: float | None
+    reason: str
+    fallback: bool = False
+    lossy: bool = False
+
+
+class TypeChoice(NamedTuple):
+    ggml_type: T
+    reason: str
+    fallback: bool = False
+    lossy: bool = False
+
+
+def parse_type(name: str, what: str = "type") -> T:
+    try:
+        return T[str(name).strip().upper()]
+    except KeyError:
+        known = sorted({t.name for t in ENCODERS} | {t.name for t in _LOSSY_OK})
+        raise GGUFExportError(f"unknown GGUF {what} {name!r}: use one of {', '.join(known)}") from None
+
+
+def parse_tensor_types(items: Sequence[str] | dict | None) -> list[tuple[re.Pattern, T]]:
+    """``--tensor-type NAME_REGEX=TYPE`` (llama-quantize style) -> ordered (pattern, type) rules."""
+    if isinstance(items, dict):
+        items = [f"{k}={v}" for k, v in items.items()]
+    rules = []
+    for item in items or ():
+        pattern, sep, type_name = str(item).rpartition("=")
+        if not sep or not pattern:
+            raise GGUFExportError(f"--tensor-type {item!r} is not NAME_REGEX=TYPE (e.g. attn_v=Q8_0)")
+        try:
+            rules.append((re.compile(pattern), parse_type(type_name, "tensor type")))
+        except re.error as exc:
+            raise GGUFExportError(f"--tensor-type {item!r}: bad regex ({exc})") from None
+    return rules
+
+
+def _requested_type(gguf_name: str, hf_name: str, options: GGUFOptions) -> tuple[T | None, str]:
+    for pattern, ggml_type in parse_tensor_types(options.tensor_types):
+        if pattern.search(gguf_name) or pattern.search(hf_name):
+            return ggml_type, f"--tensor-type {pattern.pattern}={ggml_type.name}"
+    if gguf_name.startswith("token_embd.") and options.embedding_type:
+        return parse_type(options.embedding_type, "--embedding-type"), "--embedding-type"
+    if gguf_name.startswith("output.") and options.output_type:
+        return parse_type(options.output_type, "--output-type"), "--output-type"
+    return None, ""
+
+
+def choose_tensor_type(
+    name: str,
+    grid: Grid | None,
+    shape: Sequence[int],
+    options: GGUFOptions,
+    *,
+    hf_name: str | None = None,
+    codes: np.ndarray | None = None,
+    step: np.ndarray | None = None,
+    values: np.ndarray | None = None,
+) -> TypeChoice:
+    """The GGUF type for one tensor and why. ``name`` is the GGUF name; quantized tensors pass grid, codes and
+    step (so per-row scale exactness is checked), float tensors pass values."""
+    hf_name = hf_name or name
+    requested, source = _requested_type(name, hf_name, options)
+    if len(shape) == 1:  # norms and biases: ggml wants F32 (the fp16 checkpoint values convert exactly)
+        return TypeChoice(T.F32, "1-D tensor")
+    cols = int(shape[-1])
+    if grid is None:
+        exact16 = values is None or bool(np.array_equal(values.astype(np.float16).astype(np.float32), values))
+        if requested is None:
+            return TypeChoice(T.F16, "float tensor") if exact16 else TypeChoice(T.F32, "float tensor, not fp16-exact")
+        if requested == T.F32 or (requested == T.F16 and exact16):
+            return TypeChoice(requested, source)
+        if requested not in _LOSSY_OK:
+            raise GGUFExportError(f"{name}: {source} asks for {requested.name}, which cannot be written from float "
+                                  f"weights here (use one of {', '.join(t.name for t in sorted(_LOSSY_OK))})")
+        if cols % gguf.GGML_QUANT_SIZES[requested][0]:
+            raise GGUFExportError(f"{name}: {source} {requested.name} needs columns divisible by "
+                                  f"{gguf.GGML_QUANT_SIZES[requested][0]}, the tensor has {cols}")
+        return TypeChoice(requested, f"{source} (float weights, rounded)", lossy=requested != T.F16 or not exact16)
+
+    if requested is not None:
+        reason = _why_not(requested, codes, step, grid, cols)
+        if reason is None:
+            return TypeChoice(requested, source)
+        if not options.allow_lossy:
+            raise GGUFExportError(
+                f"{name}: {source} cannot hold the {grid.name} grid ({format_bits(grid.bits)}-bit) exactly: {reason}; "
+                "choose an exact type or pass --allow-lossy")
+        if requested not in _LOSSY_OK or cols % gguf.GGML_QUANT_SIZES[requested][0]:
+            raise GGUFExportError(f"{name}: {source} {requested.name} cannot be written even lossily here ({reason})")
+        return TypeChoice(requested, f"{source}, lossy: {reason}", lossy=True)
+
+    if grid.name in ("ternary", "binary"):
+        preferred = parse_type(options.ternary_type, "--ternary-type")
+        if preferred not in (T.TQ1_0, T.TQ2_0):
+            raise GGUFExportError(f"--ternary-type must be TQ1_0 or TQ2_0, not {preferred.name}")
+    else:
+        preferred = _PREFERRED[grid.name]
+    first_reason = _why_not(preferred, codes, step, grid, cols)
+    if first_reason is None:
+        return TypeChoice(preferred, f"{grid.name} grid")
+    for candidate in _FALLBACKS:
+        if _why_not(candidate, codes, step, grid, cols) is None:
+            return TypeChoice(candidate, f"fallback {preferred.name} -> {candidate.name}: {first_reason}", fallback=True)
+    raise AssertionError("F32 holds every grid")
+
+
+def _why_not(ggml_type: T, codes, step, grid: Grid, cols: int) -> str | None:
+    if ggml_type not in ENCODERS:
+        return f"no exact encoder for {ggml_type.name}"
+    enc = ENCODERS[ggml_type]
+    if codes is None:
+        if cols % enc.block_size:
+            return f"{cols} columns are not a multiple of the {ggml_type.name} block ({enc.block_size})"
+        return None if enc.holds(grid) else f"{ggml_type.name} cannot represent the {grid.name} grid's levels"
+    return enc.why_not_exact(codes, step, grid)

