@@ -73,6 +73,7 @@ def run_qat(
     float_dtype: str = "float16",
     trust_remote_code: bool = False,
     distill: bool = False,
+    recipe: dict | None = None,
 ) -> QATRun:
     """ParetoQ QAT from a float model, then the canonical checkpoint (rank 0 writes it under torchrun)."""
     from qat.trainer import train
@@ -93,6 +94,7 @@ def run_qat(
     if _is_main_process():
         recipe = {
             "method": "qat",
+            **({"recipe": recipe} if recipe else {}),
             **source_recipe(source),
             "data": asdict(data),
             "train": {k: v for k, v in asdict(train_config).items() if _jsonable(v)} | {"lr": result.lr},

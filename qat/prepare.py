@@ -9,6 +9,7 @@ from torch import nn
 
 from qat.grids import EMBEDDING_BITS, WEIGHT_BITS, format_bits, parse_bits
 from qat.modules import QUANT_MODULES, QuantEmbedding, QuantLinear
+from qat.quantizers import ALPHA_INITS
 
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -22,8 +23,11 @@ class QATConfig:
     overrides: dict[str, float | str] = field(default_factory=dict)
     embedding_bits: float | str | None = None  # 4 or 8: quantize the input embedding table
     lm_head_bits: float | str | None = None  # 4 or 8: quantize the output projection
+    alpha_init: str = "paper"  # "paper": max/mean-based as the reference; "mse": per-row least-squares search
 
     def __post_init__(self) -> None:
+        if self.alpha_init not in ALPHA_INITS:
+            raise ValueError(f"alpha init {self.alpha_init!r} is unknown: choose from {', '.join(ALPHA_INITS)}")
         self.bits = _check(parse_bits(self.bits), WEIGHT_BITS, "bits")
         self.overrides = {k: _check(parse_bits(v), WEIGHT_BITS, f"override {k}") for k, v in self.overrides.items()}
         if self.embedding_bits is not None:
@@ -44,6 +48,7 @@ class QATConfig:
             "overrides": dict(self.overrides),
             "embedding_bits": self.embedding_bits,
             "lm_head_bits": self.lm_head_bits,
+            "alpha_init": self.alpha_init,
         }
 
 
@@ -92,7 +97,8 @@ def prepare(model: nn.Module, config: QATConfig) -> nn.Module:
             "supported yet; pass target module names that exist in the model (--target-modules)"
         )
     for name in targets:
-        _set_submodule(model, name, QuantLinear.from_linear(model.get_submodule(name), config.bits_for(name)))
+        _set_submodule(model, name, QuantLinear.from_linear(model.get_submodule(name), config.bits_for(name),
+                                                          config.alpha_init))
 
     tied = is_tied(model)
     emb_bits, head_bits = config.embedding_bits, config.lm_head_bits
@@ -102,11 +108,11 @@ def prepare(model: nn.Module, config: QATConfig) -> nn.Module:
         emb_bits = head_bits = emb_bits if emb_bits is not None else head_bits
     if emb_bits is not None:
         emb = model.get_input_embeddings()
-        qemb = QuantEmbedding.from_embedding(emb, emb_bits)
+        qemb = QuantEmbedding.from_embedding(emb, emb_bits, config.alpha_init)
         model.set_input_embeddings(qemb)
     if head_bits is not None:
         head = model.get_output_embeddings()
-        qhead = QuantLinear.from_linear(head, head_bits)
+        qhead = QuantLinear.from_linear(head, head_bits, config.alpha_init)
         if tied:
             qhead.alpha = model.get_input_embeddings().alpha  # one table, one set of steps
         model.set_output_embeddings(qhead)

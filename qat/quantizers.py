@@ -86,18 +86,49 @@ def fake_quantize(weight: torch.Tensor, alpha: torch.Tensor, bits: str | float |
     return ParetoQFakeQuant.apply(weight, alpha, grid)
 
 
+ALPHA_INITS = ("paper", "mse")
+
+
 @torch.no_grad()
-def init_alpha(weight: torch.Tensor, bits: str | float | Grid) -> torch.Tensor:
-    """The reference's per-row alpha initialisation: mean|W| (1 bit), max|W| (SEQ), max|W|/Qp (LSQ)."""
+def init_alpha(weight: torch.Tensor, bits: str | float | Grid, method: str = "paper") -> torch.Tensor:
+    """Per-row alpha initialisation.
+
+    "paper": the reference's mean|W| (1 bit), max|W| (SEQ), max|W|/Qp (LSQ). "mse": the alpha that minimises each
+    row's squared quantization error ||W - Q(W)||^2 (a search, see ``search_alpha``), starting the grid where the
+    weights are instead of at their extremes (max|W| puts most of a 2-bit row on its two inner levels).
+    """
     grid = bits if isinstance(bits, Grid) else grid_for_bits(bits)
+    if method not in ALPHA_INITS:
+        raise ValueError(f"alpha init {method!r} is unknown: choose from {', '.join(ALPHA_INITS)}")
     w = weight.detach().float().abs()
     if grid.method == "sign":
-        alpha = w.mean(dim=-1, keepdim=True)
+        alpha = w.mean(dim=-1, keepdim=True)  # already the MSE-optimal binary scale (XNOR-Net)
     elif grid.method == "seq":
         alpha = w.amax(dim=-1, keepdim=True)
     else:
         alpha = w.amax(dim=-1, keepdim=True) / grid.qp
-    return alpha.clamp_min(ALPHA_EPS)
+    alpha = alpha.clamp_min(ALPHA_EPS)
+    if method == "mse" and grid.method != "sign":
+        alpha = search_alpha(weight, grid, alpha)
+    return alpha
+
+
+@torch.no_grad()
+def search_alpha(weight: torch.Tensor, grid: Grid, start: torch.Tensor, candidates: int = 64,
+                 low: float = 0.05) -> torch.Tensor:
+    """Per row, the alpha among ``candidates`` evenly spaced fractions [low, 1] of ``start`` (the paper's
+    max-based alpha, which covers every weight) with the least squared quantization error. One pass over the
+    weight per candidate, so memory stays at a few copies of the weight."""
+    w = weight.detach().float()
+    best_err = torch.full_like(start, float("inf"))
+    best = start.clone()
+    for fraction in torch.linspace(low, 1.0, candidates).tolist():
+        alpha = (start * fraction).clamp_min(ALPHA_EPS)
+        err = (_level_value(w / alpha, grid) * alpha - w).pow(2).sum(dim=-1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, alpha, best)
+    return best
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from qat import distributed as fsdp
 from qat.fused import fused_default, restore_fused, set_fused
 from qat.grids import WEIGHT_BITS
-from qat.modules import QuantLinear
+from qat.modules import QuantLinear, set_blend
 
 STATE_FILE = "trainer_state.pt"
 PARALLEL_MODES = ("ddp", "fsdp")  # fsdp: FSDP2 (torch.distributed.fsdp.fully_shard)
@@ -64,6 +64,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     distill_weight: float = 0.0  # w in (1 - w) * CE + w * KL(teacher || student); 0: no distillation
     distill_temperature: float = 1.0
+    # Recipe levers beyond the paper (qat/recipe.py names the combinations). anneal_frac: over this fraction of the
+    # steps the forward blends from the latent float weight into the quantized one (w + b * (Q(w) - w), b rising
+    # from 0 to 1 along a cosine ramp), then trains fully quantized; 0 is the paper (quantized from step 0).
+    anneal_frac: float = 0.0
+    alpha_lr_scale: float = 1.0  # the per-row alphas' lr relative to the weights' (1: one AdamW group, the paper)
     save_every: int = 0  # checkpoint every this many steps (0: only at the end); needs output_dir
     output_dir: str | None = None  # where trainer_state.pt is written (rank 0 only)
     resume: bool = False  # continue from output_dir/trainer_state.pt when it exists
@@ -77,6 +82,11 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.anneal_frac < 1:
+            raise ValueError(f"anneal_frac must be in [0, 1) (the last steps train fully quantized), got "
+                             f"{self.anneal_frac}")
+        if self.alpha_lr_scale <= 0:
+            raise ValueError(f"alpha_lr_scale must be > 0, got {self.alpha_lr_scale}")
         if not 0 <= self.distill_weight <= 1:
             raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
         if self.distill_temperature <= 0:
@@ -110,6 +120,15 @@ def max_quantized_bits(model: nn.Module) -> float | None:
         return max([config.bits, *config.overrides.values()])
     bits = [m.grid.bits for m in model.modules() if isinstance(m, QuantLinear) and m.grid.bits in WEIGHT_BITS]
     return max(bits) if bits else None
+
+
+def anneal_blend(step: int, steps: int, anneal_frac: float) -> float:
+    """The soft-to-hard blend for optimizer step ``step`` (0-based): a half-cosine from 0 to 1 over the first
+    ``anneal_frac * steps`` steps, then 1 (fully quantized). Always 1 when anneal_frac is 0."""
+    ramp = anneal_frac * steps
+    if ramp <= 0 or step >= ramp:
+        return 1.0
+    return 0.5 * (1 - math.cos(math.pi * step / ramp))
 
 
 def cosine_schedule(steps: int, warmup_steps: int, min_lr_ratio: float):
@@ -386,7 +405,13 @@ def _train(model: nn.Module, train_blocks: torch.Tensor, heldout_blocks: torch.T
 
     bits = max_quantized_bits(model)
     lr = config.lr if config.lr is not None else default_lr(bits if bits is not None else 16)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)  # one group, as the paper
+    alphas = {id(p) for name, p in trained.named_parameters() if name.endswith("alpha")}
+    if config.alpha_lr_scale == 1.0:
+        groups = [{"params": params}]  # one group, as the paper
+    else:  # LambdaLR scales each group's own initial lr, so the ratio holds along the schedule
+        groups = [{"params": [p for p in params if id(p) not in alphas]},
+                  {"params": [p for p in params if id(p) in alphas], "lr": lr * config.alpha_lr_scale}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_schedule(config.steps, config.warmup_steps, config.min_lr_ratio))
 
@@ -429,7 +454,9 @@ def _train(model: nn.Module, train_blocks: torch.Tensor, heldout_blocks: torch.T
             dist.barrier()  # nobody reads or overwrites the file while rank 0 writes it
 
     def evaluate() -> None:
+        set_blend(trained, 1.0)  # always measure the quantized model, also mid-anneal
         ppl = evaluate_perplexity(trained, heldout_blocks, config.batch_size, config.eval_batches, bf16=use_bf16)
+        set_blend(trained, anneal_blend(step, config.steps, config.anneal_frac))
         heldout_ppl.append((step, ppl))
         say(f"step {step}: held-out perplexity {ppl:.3f}")
 
@@ -453,6 +480,7 @@ def _train(model: nn.Module, train_blocks: torch.Tensor, heldout_blocks: torch.T
     while step < last_step:
         t0 = time.perf_counter()
         step_loss = 0.0
+        set_blend(trained, anneal_blend(step, config.steps, config.anneal_frac))
         for micro in range(config.grad_accum):
             ids = _micro_batch(train_blocks, order, step, micro, config, ctx).to(device)
             # DDP all-reduces (FSDP reduce-scatters) gradients on every backward; only the last micro-batch's needs to
@@ -509,6 +537,7 @@ def _train(model: nn.Module, train_blocks: torch.Tensor, heldout_blocks: torch.T
         fsdp.gather_into(trained, model)  # every rank's `model` ends with the full trained weights, as under DDP
     if config.gradient_checkpointing:
         _set_activation_checkpointing(model, False)
+    set_blend(model, 1.0)
     restore_fused(fused_before)
     model.train(was_training)
     final_loss = loss_history[-1][1] if loss_history else float("nan")

@@ -24,12 +24,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, required=True, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=8, help="micro-batch per device (blocks)")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=None, help="default: 2e-5 for <=2 bits, 1e-5 for 3/4 bits (paper)")
+    p.add_argument("--recipe", default="default", choices=("default", "paper"),
+                   help="default: least-squares alpha init, soft-to-hard annealing from the float weights, alpha lr "
+                        "x10, distillation from the float model, lr 1e-3 (<=2 bits) / 5e-4 (3/4 bits); paper: "
+                        "ParetoQ's own (max-based alpha, quantized from step 0, no teacher, lr 2e-5 / 1e-5). The "
+                        "flags below override single settings")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+    p.add_argument("--alpha-init", default=None, choices=("paper", "mse"),
+                   help="per-row alpha start: the paper's max/mean-based one, or the least-squares fit")
+    p.add_argument("--anneal-frac", type=float, default=None, metavar="F",
+                   help="blend from float into quantized weights over this fraction of the steps (0: off)")
+    p.add_argument("--alpha-lr-scale", type=float, default=None, help="the alphas' lr relative to the weights'")
     p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of steps")
     p.add_argument("--eval-every", type=int, default=0, help="held-out perplexity every N steps (0: only at the end)")
     p.add_argument("--eval-batches", type=int, default=16)
-    p.add_argument("--distill", type=float, default=0.0, metavar="W",
-                   help="knowledge distillation from the float model: loss = (1-W)*CE + W*KL (0 = off)")
+    p.add_argument("--distill", type=float, default=None, metavar="W",
+                   help="knowledge distillation from the float model: loss = (1-W)*CE + W*KL (0 = off; default: "
+                        "the recipe's)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp"),
                    help="under torchrun: DistributedDataParallel, or FSDP2 fully_shard (each rank holds its rows of "
@@ -43,15 +54,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def chosen_recipe(args: argparse.Namespace):
+    """The --recipe with any of its settings given explicitly on the command line put over it."""
+    from qat.recipe import recipe
+
+    return recipe(args.recipe, alpha_init=args.alpha_init, anneal_frac=args.anneal_frac,
+                  alpha_lr_scale=args.alpha_lr_scale, distill_weight=args.distill)
+
+
 def train_config(args: argparse.Namespace):
-    """The one place that turns `qat` arguments into a qat.trainer.TrainConfig."""
+    """The one place that turns `qat` arguments into a qat.trainer.TrainConfig (before the recipe is applied)."""
     from qat.trainer import TrainConfig
 
     return TrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         warmup_steps=args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20),
         eval_every=args.eval_every, eval_batches=args.eval_batches, seed=args.seed,
-        gradient_checkpointing=args.gradient_checkpointing, distill_weight=args.distill,
+        gradient_checkpointing=args.gradient_checkpointing,
         parallel=args.parallel, fused=args.fused,
         output_dir=args.state_dir or f"{args.output.rstrip('/')}.train", save_every=args.save_every,
         resume=args.resume,
@@ -60,9 +79,12 @@ def train_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from paretoq_export.pipeline import run_qat
+    from qat.recipe import apply_recipe
 
-    run = run_qat(args.model, qat_config(args), data_config(args), train_config(args), args.output, args.overwrite,
-                  args.float_dtype, args.trust_remote_code)
+    chosen = chosen_recipe(args)
+    qcfg, tcfg = apply_recipe(chosen, qat_config(args), train_config(args))
+    run = run_qat(args.model, qcfg, data_config(args), tcfg, args.output, args.overwrite,
+                  args.float_dtype, args.trust_remote_code, recipe=chosen.to_json())
     if run.checkpoint:
         r = run.result
         ppl = ", ".join(f"step {s}: {p:.2f}" for s, p in r.heldout_ppl)
