@@ -36,6 +36,7 @@ from qat.data import DataConfig, build_data
 from qat.grids import format_bits, parse_bits
 from qat.parq import PARQConfig, on_grid_fraction, parq_checkpoint, quantized_parameters, train_parq
 from qat.prepare import QATConfig, prepare
+from qat.recipe import apply_recipe, recipe
 from qat.trainer import TrainConfig, train
 from runtime_tests import zeroshot
 
@@ -94,10 +95,13 @@ def plot(results: dict, png: Path) -> Path:
 
     rows = results["rows"]
     n_quant = results["meta"]["quantized_params"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    panels = [("heldout_ppl", "held-out perplexity (log)")]
+    if results["meta"].get("zeroshot_chance") is not None:  # --zeroshot-limit 0: no zero-shot panel
+        panels.append(("zeroshot_avg", "zero-shot average acc (8 tasks)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.8), squeeze=False)
+    axes = axes[0]
     styles = {"rtn": ("tab:gray", "s", "RTN (ParetoQ init)"), "qat": ("tab:blue", "o", "ParetoQ QAT (ours)"),
               "parq": ("tab:orange", "^", "torchao PARQ")}
-    panels = [("heldout_ppl", "held-out perplexity (log)"), ("zeroshot_avg", "zero-shot average acc (8 tasks)")]
     for ax, (key, label) in zip(axes, panels):
         for method, (color, marker, name) in styles.items():
             pts = sorted((r["bits"], r[key]) for r in rows if r["method"] == method and r.get(key) is not None)
@@ -229,7 +233,8 @@ def run(args: argparse.Namespace) -> dict:
         "torch": torch.__version__, "model": source.description, "note": source.note, "data": args.data,
         "block_size": args.block_size, "batch_size": args.batch_size, "train_blocks": len(train_blocks),
         "eval_blocks": len(heldout), "heldout_tokens": heldout.numel(),
-        "lr_qat": args.lr, "lr_parq": args.parq_lr or args.lr, "warmup_frac": 0.05,
+        "lr_qat": args.lr if args.lr_explicit else "recipe", "lr_parq": args.parq_lr or args.lr, "warmup_frac": 0.05,
+        "qat_recipe": recipe(args.recipe).to_json(),
         "parq": dataclasses.asdict(PARQConfig(bits=2, prox=args.parq_prox)) | {"bits": "per run"},
         "quantized_params": n_quant, "total_params": n_total,
         "zeroshot_limit": args.zeroshot_limit, "zeroshot_tasks": {t: len(e) for t, e in examples.items()},
@@ -267,10 +272,20 @@ def run(args: argparse.Namespace) -> dict:
                 train_cfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr,
                                         warmup_steps=max(1, steps // 20), eval_every=0, eval_at_start=False,
                                         seed=args.seed, **_EAGER)
-                if method in ("rtn", "qat"):
+                if method == "rtn":
                     prepare(target, QATConfig(bits=bits))
-                    if method == "qat":
-                        result = train(target, train_blocks, None, train_cfg)
+                    ckpt = QuantizedCheckpoint.from_qat_model(target, source.tokenizer, recipe={"method": method})
+                elif method == "qat":
+                    qcfg, qat_train_cfg = apply_recipe(recipe(args.recipe), QATConfig(bits=bits),
+                                                       dataclasses.replace(train_cfg, lr=None))
+                    if args.lr_explicit:  # --lr given: it wins over the recipe's
+                        qat_train_cfg = dataclasses.replace(qat_train_cfg, lr=args.lr)
+                    prepare(target, qcfg)
+                    teacher = None
+                    if qat_train_cfg.distill_weight > 0:
+                        teacher = copy.deepcopy(model).to(torch.bfloat16 if device == "cuda" else torch.float32)
+                    result = train(target, train_blocks, None, qat_train_cfg, teacher=teacher)
+                    del teacher
                     ckpt = QuantizedCheckpoint.from_qat_model(target, source.tokenizer, recipe={"method": method})
                 else:
                     cfg = dataclasses.replace(train_cfg, lr=args.parq_lr or args.lr)
@@ -301,7 +316,9 @@ def main() -> None:
     ap.add_argument("--steps-high", type=int, default=None, help="optimizer steps at 3/4 bits (default: steps-low/3)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--block-size", type=int, default=512)
-    ap.add_argument("--lr", type=float, default=5e-4, help="peak lr of QAT (and of PARQ unless --parq-lr)")
+    ap.add_argument("--recipe", default="default", choices=("default", "paper"), help="our QAT recipe (qat.recipe)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="peak lr of PARQ (default 5e-4) and, when given, of QAT too (default: the recipe's)")
     ap.add_argument("--parq-lr", type=float, default=None)
     ap.add_argument("--parq-prox", default="parq", choices=("parq", "hard"))
     ap.add_argument("--seed", type=int, default=0)
@@ -320,6 +337,8 @@ def main() -> None:
     ap.add_argument("--png", default=None, help="default: --out with .png")
     args = ap.parse_args()
     args.started = time.time()
+    args.lr_explicit = args.lr is not None
+    args.lr = args.lr if args.lr is not None else 5e-4
 
     if args.export_zeroshot:
         data = export_zeroshot(Path(args.export_zeroshot), args.zeroshot_limit or None)
