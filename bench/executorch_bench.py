@@ -3,10 +3,10 @@
     python bench/executorch_bench.py [--model DIR_OR_GGUF] [--bits 2] [--threads 2] [--pp 128] [--tg 64]
                                      [--out bench/results/executorch_bench.json]
 
-The checkpoint is RTN (same grids and containers as a QAT one, so size and speed are representative). Each .pte is
-timed in a fresh process (runtime_tests/executorch_runner.py), so its peak RSS is the runtime's own: prefill is one
-call of ``pp`` tokens, decode ``tg`` single-token steps with the KV cache, median of --repeats. The GGUF (exact
-ggml types, formats/gguf.py) is timed in llama-cpp-python the same way (bench/gguf_bench.py's method). The
+The checkpoint is RTN (same grids and containers as a QAT one, so size and speed are representative). Every file is
+timed by paretoq_export.bench in a fresh process of its own, so its peak RSS is the runtime's own: prefill is one
+call of ``pp`` tokens, decode ``tg`` single-token steps with the KV cache, median of --repeats; the GGUF (exact
+ggml types, formats/gguf.py) runs in llama-cpp-python the same way. The
 ParetoQ .pte is also validated against the PyTorch reference on held-out text (PPL ratio, KL, top-1).
 """
 
@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,33 +31,8 @@ sys.path.insert(0, str(ROOT))
 from formats.executorch import ExecuTorchOptions, export_executorch  # noqa: E402
 from formats.gguf import GGUFOptions, export_gguf  # noqa: E402
 from formats.validation import report_path, validate_artifact, write_report  # noqa: E402
+from paretoq_export.bench import bench_artifacts  # noqa: E402
 from paretoq_export.canonical.grids import format_bits, parse_bits  # noqa: E402
-
-
-def _bench_pte(path: Path, args) -> dict:
-    cmd = [sys.executable, "-m", "runtime_tests.executorch_runner", str(path), "--pp", str(args.pp), "--tg",
-           str(args.tg), "--repeats", str(args.repeats), "--threads", str(args.threads)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
-    return json.loads(out[out.index("{"):])
-
-
-_GGUF_BENCH = """
-import json, sys
-from runtime_tests.executorch_runner import peak_rss_bytes
-from runtime_tests.llamacpp import LlamaCppRunner
-path, threads, pp, tg, repeats = sys.argv[1], *map(int, sys.argv[2:])
-with LlamaCppRunner(path, n_threads=threads, n_ctx=pp + tg + 16, n_batch=max(pp, 32), logits_all=False,
-                    kv_f32=False) as runner:
-    print(json.dumps({**runner.bench(pp=pp, tg=tg, repeats=repeats), "peak_rss_bytes": peak_rss_bytes()}))
-"""
-
-
-def _bench_gguf(path: Path, args) -> dict:
-    """llama.cpp in its own process as well: its spinning threads must not share the cores with this one's."""
-    cmd = [sys.executable, "-c", _GGUF_BENCH, str(path), str(args.threads), str(args.pp), str(args.tg),
-           str(args.repeats)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
-    return json.loads(out[out.index("{"):])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,9 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     del models, fp32, variants, ckpt, source  # free this process's memory before the timed children start
     gc.collect()
     load = os.getloadavg()
-    for row in rows:
-        row.update(_bench_pte(Path(row["path"]), args) if row["runtime"] == "executorch"
-                   else _bench_gguf(Path(row["path"]), args))
+    speed = bench_artifacts([row["path"] for row in rows], threads=args.threads, repeats=args.repeats, pp=args.pp,
+                            tg=args.tg, progress=False)  # paretoq_export.bench: each file in its own process
+    for row, r in zip(rows, speed["results"]):
+        row.update(pp_tps=r["pp_tps"]["median"], tg_tps=r["tg_tps"]["median"], peak_rss_mib=r["peak_rss_mib"])
     fp_row = rows[0]
     for row in rows:
         row["tg_vs_fp32_pte"] = row["tg_tps"] / fp_row["tg_tps"]
@@ -159,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
           f"load average before timing {load[0]:.2f} (other processes on these cores skew every figure)")
     print(f"{'file':<40} {'MiB':>7} {'export s':>8} {'pp t/s':>8} {'tg t/s':>7} {'tg/fp32':>7} {'RSS MiB':>8}")
     for r in rows:
-        rss = f"{r['peak_rss_bytes'] / 2**20:>8.0f}" if "peak_rss_bytes" in r else f"{'-':>8}"
+        rss = f"{r['peak_rss_mib']:>8.0f}"
         export_s = f"{r['export_s']:>8.1f}" if r["export_s"] is not None else f"{'reused':>8}"
         print(f"{r['name']:<40} {r['bytes'] / 2**20:>7.1f} {export_s} {r['pp_tps']:>8.0f} "
               f"{r['tg_tps']:>7.1f} {r['tg_vs_fp32_pte']:>7.2f} {rss}")

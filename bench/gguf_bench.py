@@ -4,8 +4,8 @@
 
 Checkpoints are RTN (same grids and containers as QAT ones, so size and speed are representative). The F16 and Q8_0
 baselines are the float model (QATCheckpoint.from_float_model) written by our writer with every 2-D tensor
-F16 / Q8_0 (what llama-quantize's F16 / Q8_0 files hold, token_embd included). Speeds come from llama-cpp-python (one pp-token batch,
-then tg single-token steps, median of --repeats); ``--llama-bench PATH`` also runs a llama-bench binary built from
+F16 / Q8_0 (what llama-quantize's F16 / Q8_0 files hold, token_embd included). Speeds come from paretoq_export.bench (llama-cpp-python in
+one process per file: one pp-token batch, then tg single-token steps, median of --repeats); ``--llama-bench PATH`` also runs a llama-bench binary built from
 the llama-cpp-python sdist (optional: ~12 min to build on 2 cores).
 """
 
@@ -25,15 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from formats.gguf import GGUFOptions, export_gguf  # noqa: E402
+from paretoq_export.bench import bench_artifacts  # noqa: E402
 from paretoq_export.canonical.grids import format_bits, parse_bits  # noqa: E402
-
-
-def _bench(path: Path, args) -> dict:
-    from runtime_tests.llamacpp import LlamaCppRunner
-
-    with LlamaCppRunner(path, n_threads=args.threads, n_ctx=args.pp + args.tg + 16, n_batch=max(args.pp, 32),
-                        logits_all=False, kv_f32=False) as runner:
-        return runner.bench(pp=args.pp, tg=args.tg, repeats=args.repeats)
 
 
 def _llama_bench(binary: str, path: Path, args) -> dict:
@@ -90,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"name": name, "bits": None, "path": str(result.path), "export_s": time.perf_counter() - t0,
                      "bytes": result.nbytes, "file_type": result.file_type, "types": result.type_counts()})
 
-    for row in rows:
-        row.update(_bench(Path(row["path"]), args))
+    speed = bench_artifacts([row["path"] for row in rows], threads=args.threads, repeats=args.repeats, pp=args.pp,
+                            tg=args.tg, progress=False)  # paretoq_export.bench: each file in its own process
+    for row, r in zip(rows, speed["results"]):
+        row.update(pp_tps=r["pp_tps"]["median"], tg_tps=r["tg_tps"]["median"], peak_rss_mib=r["peak_rss_mib"])
         if args.llama_bench:
             row["llama_bench"] = _llama_bench(args.llama_bench, Path(row["path"]), args)
     ref = {r["name"]: r for r in rows if r["bits"] is None}

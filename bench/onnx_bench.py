@@ -20,15 +20,14 @@ import json
 import logging
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from formats.onnx import OnnxOptions, export_onnx  # noqa: E402
+from paretoq_export.bench import bench_artifacts  # noqa: E402
 
 VARIANTS = (  # name, bits (None: float checkpoint), accuracy level, seq2 bits
     ("ParetoQ 2-bit acc0", 2, 0, 2),
@@ -38,26 +37,6 @@ VARIANTS = (  # name, bits (None: float checkpoint), accuracy level, seq2 bits
     ("ParetoQ 4-bit acc4", 4, 4, 2),
     ("float32", None, 0, 2),
 )
-
-
-def _time_one(folder: str, threads: int, pp: int, tg: int, repeats: int) -> dict:
-    """Runs in a child process: load, bench, report peak RSS of this process only."""
-    from runtime_tests.onnxruntime_runner import OnnxRuntimeRunner, peak_rss_mib
-
-    before = peak_rss_mib()
-    t0 = time.perf_counter()
-    runner = OnnxRuntimeRunner(folder, n_threads=threads)
-    load_s = time.perf_counter() - t0
-    result = runner.bench(pp=pp, tg=tg, repeats=repeats)
-    result.update(load_s=load_s, rss_before_load_mib=before)
-    return result
-
-
-def _bench_in_child(folder: Path, args) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--time-one", str(folder), "--threads", str(args.threads),
-                          "--pp", str(args.pp), "--tg", str(args.tg), "--repeats", str(args.repeats)],
-                         check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,11 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quality-tokens", type=int, default=512, help="held-out tokens for the logit comparison (0: skip)")
     p.add_argument("--workdir", default=None, help="keep the ONNX folders here (default: a temporary directory)")
     p.add_argument("--out", default="bench/results/onnx_bench.json")
-    p.add_argument("--time-one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.time_one:
-        print(json.dumps(_time_one(args.time_one, args.threads, args.pp, args.tg, args.repeats)))
-        return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
 
     import numpy as np
@@ -116,17 +91,18 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     # round-robin over the models, so load from other processes on the machine hits every row alike
     timings: dict[str, list[dict]] = {r["name"]: [] for r in rows}
-    for round_ in range(args.rounds):
-        for row in rows:
-            t = _bench_in_child(Path(row["path"]), args)
+    for round_ in range(args.rounds):  # paretoq_export.bench: each model in its own process
+        speed = bench_artifacts([row["path"] for row in rows], threads=args.threads, repeats=args.repeats,
+                                pp=args.pp, tg=args.tg, progress=False)
+        for row, t in zip(rows, speed["results"]):
             timings[row["name"]].append(t)
-            print(f"round {round_ + 1}: {row['name']}: pp {t['pp_tps']:.0f} tg {t['tg_tps']:.1f} tok/s, "
-                  f"peak RSS {t['peak_rss_mib']:.0f} MiB", flush=True)
+            print(f"round {round_ + 1}: {row['name']}: pp {t['pp_tps']['median']:.0f} tg "
+                  f"{t['tg_tps']['median']:.1f} tok/s, peak RSS {t['peak_rss_mib']:.0f} MiB", flush=True)
     for row in rows:
         runs = timings[row["name"]]
-        row.update({k: runs[0][k] for k in ("pp", "tg", "threads", "repeats")})
-        row["pp_tps"] = statistics.median(r["pp_tps"] for r in runs)
-        row["tg_tps"] = statistics.median(r["tg_tps"] for r in runs)
+        row.update(pp=args.pp, tg=args.tg, threads=args.threads, repeats=args.repeats)
+        row["pp_tps"] = statistics.median(r["pp_tps"]["median"] for r in runs)
+        row["tg_tps"] = statistics.median(r["tg_tps"]["median"] for r in runs)
         row["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
         row["rounds"] = runs
     base = next(r for r in rows if r["bits"] is None)

@@ -115,8 +115,7 @@ def validate_artifact(artifact: str | os.PathLike, checkpoint: QuantizedCheckpoi
         if close is not None:
             close()
     return {"format": fmt.name, "artifact": str(artifact), "artifact_bytes": fmt.artifact_bytes(path),
-            "checkpoint": str(ckpt_dir if ckpt_dir is not None else checkpoint if not isinstance(
-                checkpoint, QuantizedCheckpoint) else "(in memory)"),
+            "checkpoint": str(ckpt_dir) if ckpt_dir is not None else "(in memory)",
             "readback": rb, "metrics": metrics, "checks": checks, "zeroshot": zs, "zeroshot_settings": zs_settings,
             "runtime": {**info, "threads": threads}, "seconds": time.perf_counter() - start}
 

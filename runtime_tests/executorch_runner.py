@@ -2,16 +2,12 @@
 prefill/decode tokens/s, peak RSS, file size.
 
 The program is the one formats/executorch.py writes: ``forward(tokens [1, T], input_pos [T]) -> logits [1, T, V]``
-with the KV cache inside, plus the LLM runner's metadata methods. As a script it benchmarks one file in a fresh
-process, so the peak RSS is the runtime's own:
-
-    python -m runtime_tests.executorch_runner model.pte [--pp 128] [--tg 64] [--threads 2] [--json out.json]
+with the KV cache inside, plus the LLM runner's metadata methods. ``paretoq-export bench model.pte`` times it in a
+fresh process of its own (paretoq_export.bench_worker), so the peak RSS is the runtime's own.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import resource
 import statistics
@@ -135,31 +131,3 @@ class ExecuTorchRunner:
             tg_tps.append(tg / (time.perf_counter() - t0))
         return {"pp": pp, "tg": tg, "repeats": repeats, "pp_tps": statistics.median(pp_tps),
                 "tg_tps": statistics.median(tg_tps)}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("pte")
-    p.add_argument("--pp", type=int, default=128)
-    p.add_argument("--tg", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", default=None, help="write the result here (default: stdout only)")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    rss_before = peak_rss_bytes()
-    t0 = time.perf_counter()
-    runner = ExecuTorchRunner(args.pte, threads=args.threads)
-    load_s = time.perf_counter() - t0
-    result = {"pte": str(args.pte), "bytes": runner.nbytes, "threads": args.threads, "load_s": load_s,
-              **runner.bench(args.pp, args.tg, args.repeats), "peak_rss_bytes": peak_rss_bytes(),
-              "peak_rss_before_load_bytes": rss_before}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
