@@ -10,10 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from formats.protocol import ArtifactError, ArtifactSummary, ExportedArtifact, ExportFormat
-
-PTE_IDENTIFIER = b"ET"  # bytes 4-5 of a .pte: the flatbuffer file identifier (program.fbs: "ET12")
-
+from formats.protocol import ArtifactSummary, ExportedArtifact, ExportFormat
 
 class ExecuTorchFormat(ExportFormat):
     name = "executorch"
@@ -23,17 +20,8 @@ class ExecuTorchFormat(ExportFormat):
     extra = "executorch"
     marker = "^"
     suffix = ".pte"
+    magic, magic_offset = b"ET", 4  # the flatbuffer file identifier (program.fbs: "ET12") after the root offset
     validation_checks = "ExecuTorch vs PyTorch logits and KV-cached decode"
-
-    def detect(self, path: Path) -> Path | None:
-        if path.is_file():
-            with open(path, "rb") as fh:
-                if fh.read(8)[4:6] == PTE_IDENTIFIER:
-                    return path
-            if path.suffix == self.suffix:
-                raise ArtifactError(f"{path} has a .pte name but not its magic bytes: the file is truncated or not "
-                                    "an export; re-export it")
-        return None
 
     # ------------------------------------------------------------------ export
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:

@@ -10,10 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from formats.protocol import ArtifactError, ArtifactSummary, ExportedArtifact, ExportFormat, count_text
-
-MAGIC = b"GGUF"
-
+from formats.protocol import ArtifactSummary, ExportedArtifact, ExportFormat, count_text
 
 class GGUFFormat(ExportFormat):
     name = "gguf"
@@ -23,17 +20,8 @@ class GGUFFormat(ExportFormat):
     extra = "llamacpp"
     marker = "o"
     suffix = ".gguf"
+    magic = b"GGUF"
     validation_checks = "read-back exactness and llama.cpp vs PyTorch logits"
-
-    def detect(self, path: Path) -> Path | None:
-        if path.is_file():
-            with open(path, "rb") as fh:
-                if fh.read(4) == MAGIC:
-                    return path
-            if path.suffix == self.suffix:
-                raise ArtifactError(f"{path} has a .gguf name but not its magic bytes: the file is truncated or not "
-                                    "an export; re-export it")
-        return None
 
     # ------------------------------------------------------------------ export
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:

@@ -67,13 +67,25 @@ class ExportFormat(ABC):
     extra: ClassVar[str]  # the pip extra of paretoq-export that installs its exporter and runtime
     marker: ClassVar[str]  # matplotlib marker of its points in the pareto plots
     suffix: ClassVar[str]  # the file name ending of a default output ("" for a folder)
+    magic: ClassVar[bytes] = b""  # the bytes at magic_offset that identify one of its files (b"" for folders)
+    magic_offset: ClassVar[int] = 0
     validation_checks: ClassVar[str]  # what --validate checks, for the help text
 
     # ------------------------------------------------------------------ files
-    @abstractmethod
     def detect(self, path: Path) -> Path | None:
         """The path this format's runtime opens when ``path`` (an existing file or folder) is one of its artifacts,
-        else None; ArtifactError where it looks like one but is damaged."""
+        else None; ArtifactError where it looks like one but is damaged. By default by content: a file whose bytes
+        at magic_offset are ``magic``; a file with the format's name ending but other bytes is damaged."""
+        if not self.magic or not path.is_file():
+            return None
+        with open(path, "rb") as fh:
+            head = fh.read(self.magic_offset + len(self.magic))
+        if head[self.magic_offset:] == self.magic:
+            return path
+        if path.suffix == self.suffix:
+            raise ArtifactError(f"{path} has a {self.suffix} name but not its magic bytes ({head!r}): the file is "
+                                "truncated or not an export; re-export it")
+        return None
 
     def artifact_bytes(self, path: Path) -> int:
         """Bytes of what the runtime loads (tokenizer and config files excluded)."""
