@@ -66,8 +66,12 @@ class QATCheckpoint(QuantizedCheckpoint):
             key = f"{name}.weight"
             if tied and module is model.get_output_embeddings():
                 continue  # the shared table is stored once, under the embedding's name
-            codes = quantize_codes(module.weight.detach(), module.alpha.detach(), module.grid)
-            quantized[key] = QuantizedTensor(codes.cpu(), alpha_to_step(module.alpha, module.grid).cpu(), module.grid)
+            # a group quantizer is the row quantizer on the [out * in / G, G] view: codes back to [out, in],
+            # steps to [out, in / G] (or [out] per row)
+            weight = module.weight.detach()
+            codes = quantize_codes(module.grouped_weight().detach(), module.alpha.detach(), module.grid)
+            step = alpha_to_step(module.alpha, module.grid).reshape(weight.shape[0], -1)
+            quantized[key] = QuantizedTensor(codes.reshape(weight.shape).cpu(), step.cpu(), module.grid)
         tensors, config = _float_tensors_and_config(model, skip=set(quantized), float_dtype=float_dtype)
         full_recipe = dict(recipe or {})
         qat_config = getattr(model, "_paretoq_config", None)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from qat.grids import EMBEDDING_BITS, WEIGHT_BITS, format_bits, parse_bits
-from qat.modules import QUANT_MODULES, QuantEmbedding, QuantLinear
+from qat.modules import QUANT_MODULES, QuantEmbedding, QuantLinear, check_group_size
 from qat.quantizers import ALPHA_INITS
 
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -16,7 +16,12 @@ DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 @dataclass
 class QATConfig:
-    """What to quantize, as data. ``overrides`` maps a module-name suffix or regex to bits (e.g. down_proj=4)."""
+    """What to quantize, as data. ``overrides`` maps a module-name suffix or regex to bits (e.g. down_proj=4).
+
+    ``group_size`` G: one alpha per G consecutive columns of a row (32, 64, 128, 256) instead of one per row (None,
+    ParetoQ's setting); ``group_overrides`` maps a module-name suffix or regex to a group size (None: per row),
+    as ``overrides`` does for bits. Embeddings / lm_head follow the same rules under their own module names.
+    """
 
     bits: float | str = 2
     target_modules: tuple[str, ...] = DECODER_LINEARS
@@ -24,8 +29,12 @@ class QATConfig:
     embedding_bits: float | str | None = None  # 4 or 8: quantize the input embedding table
     lm_head_bits: float | str | None = None  # 4 or 8: quantize the output projection
     alpha_init: str = "paper"  # "paper": max/mean-based as the reference; "mse": per-row least-squares search
+    group_size: int | None = None
+    group_overrides: dict[str, int | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.group_size = _check_group(self.group_size, "group size")
+        self.group_overrides = {k: _check_group(v, f"group size of {k}") for k, v in self.group_overrides.items()}
         if self.alpha_init not in ALPHA_INITS:
             raise ValueError(f"alpha init {self.alpha_init!r} is unknown: choose from {', '.join(ALPHA_INITS)}")
         self.bits = _check(parse_bits(self.bits), WEIGHT_BITS, "bits")
@@ -36,10 +45,10 @@ class QATConfig:
             self.lm_head_bits = _check(parse_bits(self.lm_head_bits), EMBEDDING_BITS, "lm_head bits")
 
     def bits_for(self, name: str) -> float:
-        for key, bits in self.overrides.items():
-            if name.endswith(key) or name.split(".")[-1] == key or re.fullmatch(key, name):
-                return bits
-        return self.bits
+        return _lookup(self.overrides, name, self.bits)
+
+    def group_size_for(self, name: str) -> int | None:
+        return _lookup(self.group_overrides, name, self.group_size)
 
     def to_json(self) -> dict:
         return {
@@ -49,7 +58,32 @@ class QATConfig:
             "embedding_bits": self.embedding_bits,
             "lm_head_bits": self.lm_head_bits,
             "alpha_init": self.alpha_init,
+            "group_size": self.group_size,
+            "group_overrides": dict(self.group_overrides),
         }
+
+
+def _lookup(table: dict, name: str, default):
+    for key, value in table.items():
+        if name.endswith(key) or name.split(".")[-1] == key or re.fullmatch(key, name):
+            return value
+    return default
+
+
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+def _check_group(value, what: str) -> int | None:
+    if value in (None, "", "row", "none", 0, "0"):
+        return None
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        size = -1
+    if size not in GROUP_SIZES:
+        raise ValueError(f"unsupported {what} {value!r}: choose from {', '.join(map(str, GROUP_SIZES))} "
+                         "(or none: one step per row)")
+    return size
 
 
 def _check(bits: float, allowed: tuple[float, ...], what: str) -> float:
@@ -96,23 +130,29 @@ def prepare(model: nn.Module, config: QATConfig) -> nn.Module:
             f"no {'/'.join(config.target_modules)} linear layers found in {arch}: this architecture is not "
             "supported yet; pass target module names that exist in the model (--target-modules)"
         )
-    for name in targets:
-        _set_submodule(model, name, QuantLinear.from_linear(model.get_submodule(name), config.bits_for(name),
-                                                          config.alpha_init))
-
     tied = is_tied(model)
     emb_bits, head_bits = config.embedding_bits, config.lm_head_bits
     if tied and (emb_bits is not None or head_bits is not None):
         if emb_bits is not None and head_bits is not None and emb_bits != head_bits:
             raise ValueError("this model ties lm_head to the embeddings: give both the same bits")
         emb_bits = head_bits = emb_bits if emb_bits is not None else head_bits
+    names = {id(m): n for n, m in model.named_modules()}
+    emb_name = names.get(id(model.get_input_embeddings()), "embed_tokens")
+    head_name = emb_name if tied else names.get(id(model.get_output_embeddings()), "lm_head")
+    # every row length checked before any module is replaced: a bad group size costs nothing
+    for name in targets + [emb_name] * (emb_bits is not None) + [head_name] * (head_bits is not None):
+        check_group_size(config.group_size_for(name), model.get_submodule(name).weight.shape[1], name)
+
+    for name in targets:
+        _set_submodule(model, name, QuantLinear.from_linear(model.get_submodule(name), config.bits_for(name),
+                                                          config.alpha_init, config.group_size_for(name)))
     if emb_bits is not None:
         emb = model.get_input_embeddings()
-        qemb = QuantEmbedding.from_embedding(emb, emb_bits, config.alpha_init)
+        qemb = QuantEmbedding.from_embedding(emb, emb_bits, config.alpha_init, config.group_size_for(emb_name))
         model.set_input_embeddings(qemb)
     if head_bits is not None:
         head = model.get_output_embeddings()
-        qhead = QuantLinear.from_linear(head, head_bits, config.alpha_init)
+        qhead = QuantLinear.from_linear(head, head_bits, config.alpha_init, config.group_size_for(head_name))
         if tied:
             qhead.alpha = model.get_input_embeddings().alpha  # one table, one set of steps
         model.set_output_embeddings(qhead)

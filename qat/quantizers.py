@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from paretoq_export.canonical.grids import dequantize_codes  # noqa: F401 - one definition, re-exported
 from qat.grids import Grid, grid_for_bits
 
 ALPHA_EPS = 1e-5
@@ -151,8 +152,3 @@ def quantize_codes(weight: torch.Tensor, alpha: torch.Tensor, grid: Grid) -> tor
 def alpha_to_step(alpha: torch.Tensor, grid: Grid) -> torch.Tensor:
     """The canonical per-row step s = alpha * step_per_alpha, rounded once to fp16 (shape [out])."""
     return (_clamped_alpha(alpha.detach().float()) * grid.step_per_alpha).reshape(-1).to(torch.float16)
-
-
-def dequantize_codes(codes: torch.Tensor, step: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """w = s * (q - z) in float32. Exact: an fp16 step times a small half-integer fits fp32's mantissa."""
-    return step.float().reshape(-1, 1) * (codes.float() - grid.zero)

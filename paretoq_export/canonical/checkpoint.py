@@ -1,14 +1,16 @@
-"""The canonical quantized checkpoint: integer codes + per-row fp16 step + grid. Every exporter reads only this.
+"""The canonical quantized checkpoint: integer codes + fp16 step per row (or per group) + grid. Every exporter reads
+only this.
 
 On disk it is a transformers-style directory:
 
     config.json          the model's config plus ``quantization_config`` (quant_method "paretoq", per-module grid)
     model.safetensors    ``<module>.qweight`` uint8 bit-packed codes [out, ceil(in * code_bits / 8)]
-                         ``<module>.scales``  fp16 per-row step s [out]
+                         ``<module>.scales``  fp16 step s per row [out], or per group of G consecutive columns
+                                              [out, in // G] (``group_size`` G in quantization_config)
                          every unquantized tensor (embeddings, norms, biases, lm_head) in ``float_dtype``
     tokenizer files      as the tokenizer's save_pretrained writes them
 
-A quantized weight is ``w[r, c] = scales[r] * (code[r, c] - zero)`` with the grid's zero (DESIGN.md section 2),
+A quantized weight is ``w[r, c] = scales[r, c // G] * (code[r, c] - zero)`` with the grid's zero (DESIGN.md section 2),
 evaluated in float32, where it is exact. Directories are written to a temporary sibling and renamed into place,
 and config.json records the sha256 of the weights, so a half-written or corrupted checkpoint never loads.
 
@@ -33,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from paretoq_export.canonical.atomic import atomic_dir
-from paretoq_export.canonical.grids import GRIDS, Grid, dequantize_codes
+from paretoq_export.canonical.grids import GRIDS, Grid, dequantize_codes, group_size_of
 from paretoq_export.canonical.packing import pack_codes, packed_row_bytes, unpack_codes
 
 CONFIG_FILE = "config.json"
@@ -50,12 +52,33 @@ class CheckpointError(ValueError):
 @dataclass
 class QuantizedTensor:
     codes: torch.Tensor  # uint8 [out, in], values < grid.n_codes
-    scale: torch.Tensor  # float16 [out]: the step s per row
+    scale: torch.Tensor  # float16 [out]: the step s per row; or [out, in // G]: per group of G consecutive columns
     grid: Grid
+
+    def __post_init__(self) -> None:
+        # one spelling per layout: a single group per row is the per-row step [out]
+        if self.scale.dim() == 2 and self.scale.shape[1] == 1:
+            self.scale = self.scale.reshape(-1)
+        rows, cols = self.codes.shape
+        n_groups = 1 if self.scale.dim() == 1 else self.scale.shape[1]
+        if self.scale.shape[0] != rows or cols % n_groups:
+            raise CheckpointError(
+                f"steps of shape {tuple(self.scale.shape)} do not fit codes {rows}x{cols}: "
+                "give one step per row [out] or per group [out, in // G]"
+            )
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    @property
+    def group_size(self) -> int:
+        """Consecutive columns sharing one step: the row length (``in``) for per-row steps, else G."""
+        return group_size_of(self.shape, tuple(self.scale.shape))
+
+    @property
+    def per_row(self) -> bool:
+        return self.scale.dim() == 1
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_codes(self.codes, self.scale, self.grid)
@@ -140,11 +163,13 @@ class QuantizedCheckpoint:
             "quant_method": QUANT_METHOD,
             "format_version": FORMAT_VERSION,
             "modules": {
-                k[: -len(".weight")]: {"grid": q.grid.name, "bits": q.grid.bits, "shape": list(q.shape)}
+                k[: -len(".weight")]: {"grid": q.grid.name, "bits": q.grid.bits, "shape": list(q.shape),
+                                       "group_size": q.group_size}
                 for k, q in self.quantized.items()
             },
             "grids": {name: GRIDS[name].to_json() for name in sorted({q.grid.name for q in self.quantized.values()})},
-            "layout": "qweight: per-row LSB-first packed codes; w = scales[row] * (code - zero), float32",
+            "layout": "qweight: per-row LSB-first packed codes; w = scales[row, col // group_size] * (code - zero), "
+                      "float32 (scales [out] when group_size is the row length)",
             "recipe": self.recipe,
         }
 
@@ -199,12 +224,19 @@ class QuantizedCheckpoint:
         for base, info in qconfig["modules"].items():
             grid = GRIDS[info["grid"]]
             rows, cols = info["shape"]
+            group_size = int(info.get("group_size") or cols)  # absent in checkpoints written before groups: per row
+            if group_size <= 0 or cols % group_size:
+                raise CheckpointError(f"{base}: group size {group_size} does not divide {cols} columns: corrupt")
+            scale_shape = (rows,) if group_size == cols else (rows, cols // group_size)
             try:
                 packed, scale = raw.pop(f"{base}.qweight"), raw.pop(f"{base}.scales")
             except KeyError as exc:
                 raise CheckpointError(f"{weights} lacks {exc.args[0]}: the checkpoint is corrupt, re-create it") from None
-            if tuple(packed.shape) != (rows, packed_row_bytes(cols, grid.code_bits)) or tuple(scale.shape) != (rows,):
-                raise CheckpointError(f"{base}: packed shape {tuple(packed.shape)} does not match {rows}x{cols}: corrupt")
+            if tuple(packed.shape) != (rows, packed_row_bytes(cols, grid.code_bits)) or tuple(scale.shape) != scale_shape:
+                raise CheckpointError(
+                    f"{base}: packed shape {tuple(packed.shape)} / steps {tuple(scale.shape)} do not match {rows}x{cols}"
+                    f" with group size {group_size}: corrupt"
+                )
             codes = unpack_codes(packed.numpy(), grid.code_bits, cols)
             if grid.n_codes < 2**grid.code_bits and codes.max(initial=0) >= grid.n_codes:
                 raise CheckpointError(f"{base}: code {codes.max()} is outside the {grid.name} grid: corrupt checkpoint")
@@ -228,7 +260,7 @@ class QuantizedCheckpoint:
     def nbytes(self) -> dict[str, int]:
         """Packed code bytes, step bytes and float-tensor bytes (what the file holds, headers aside)."""
         codes = sum(q.shape[0] * packed_row_bytes(q.shape[1], q.grid.code_bits) for q in self.quantized.values())
-        steps = sum(q.shape[0] * 2 for q in self.quantized.values())
+        steps = sum(q.scale.numel() * 2 for q in self.quantized.values())
         floats = sum(t.numel() * t.element_size() for t in self.tensors.values())
         return {"codes": codes, "steps": steps, "float": floats, "total": codes + steps + floats}
 

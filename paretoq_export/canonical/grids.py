@@ -2,9 +2,10 @@
 
 Every grid is written in the canonical form used by the checkpoint and all exporters:
 
-    w = s * (q - z),   q an unsigned integer code in [0, n_codes), s a per-row step, z the grid's zero.
+    w = s * (q - z),   q an unsigned integer code in [0, n_codes), s a step per row (or per group of G columns),
+                       z the grid's zero.
 
-The training-time parameter is ParetoQ's per-row ``alpha``; ``s = alpha * step_per_alpha``.
+The training-time parameter is ParetoQ's ``alpha`` per row (or per group); ``s = alpha * step_per_alpha``.
 (DESIGN.md section 2.)
 """
 
@@ -121,6 +122,27 @@ def format_bits(bits: float) -> str:
     return str(int(bits)) if float(bits).is_integer() else str(bits)
 
 
+def group_size_of(shape: tuple[int, int], step_shape: tuple[int, ...]) -> int:
+    """The number of consecutive columns that share one step: the row length for a per-row step [out], in // G for
+    a per-group step [out, in // G]."""
+    cols = shape[1]
+    if len(step_shape) == 1 or step_shape[1] == 1:
+        return cols
+    return cols // step_shape[1]
+
+
+def expand_steps(step: torch.Tensor, cols: int) -> torch.Tensor:
+    """The step of every weight, float32 [out, cols]: a per-row step [out] or a per-group step [out, cols // G]
+    (group g covers columns g*G .. g*G + G - 1)."""
+    step = step.float()
+    if step.dim() == 1:
+        step = step.reshape(-1, 1)
+    if step.shape[1] == 1:
+        return step.expand(-1, cols)
+    return step.repeat_interleave(cols // step.shape[1], dim=1)
+
+
 def dequantize_codes(codes: torch.Tensor, step: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """w = s * (q - z) in float32. Exact: an fp16 step times a small half-integer fits fp32's mantissa."""
-    return step.float().reshape(-1, 1) * (codes.float() - grid.zero)
+    """w = s * (q - z) in float32, s per row [out] or per group [out, in // G]. Exact: an fp16 step times a small
+    half-integer fits fp32's mantissa."""
+    return expand_steps(step, codes.shape[1]) * (codes.float() - grid.zero)
