@@ -139,70 +139,28 @@ def write_json_atomic(path: str | os.PathLike, payload: dict) -> Path:
     return write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
-# llama.cpp's own file types by name (llama_ftype), for baselines made by its quantizer
-def _ftype(name: str) -> int:
-    import llama_cpp
-
-    value = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name.upper()}", None)
-    if value is None:
-        known = sorted(k[len("LLAMA_FTYPE_MOSTLY_"):] for k in dir(llama_cpp) if k.startswith("LLAMA_FTYPE_MOSTLY_"))
-        raise BenchError(f"llama.cpp has no file type {name!r}: choose from {', '.join(known)}")
-    return int(value)
-
-
-def llama_quantize(src: str | os.PathLike, dst: str | os.PathLike, ftype: str = "Q4_0", threads: int = 2,
-                   overwrite: bool = False) -> Path:
-    """llama.cpp's own quantizer (llama_model_quantize, the C API llama-quantize wraps) on a float GGUF: the
-    baseline a user would get from llama-quantize. Written to a temporary sibling, then renamed into place.
-    Only for float files (an F16 export of the float model): it re-derives scales and would destroy a ParetoQ grid."""
-    import llama_cpp
-
-    src, dst = Path(src), Path(dst)
-    if not src.is_file():
-        raise FileNotFoundError(f"GGUF file {src} not found")
-    if dst.exists() and not overwrite:
-        raise BenchError(f"output {dst} exists: pass overwrite=True or choose another name")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = _ftype(ftype)
-    params.nthread = threads
-    from llama_cpp._utils import suppress_stdout_stderr
-
-    with atomic_file(dst) as tmp:
-        with suppress_stdout_stderr(disable=False):  # its per-tensor log goes straight to the C stderr
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
-        if rc != 0:
-            raise BenchError(f"llama_model_quantize({src.name} -> {ftype}) failed with status {rc}")
-    return dst
-
-
 def float_baselines(output_dir: str | os.PathLike, types: Sequence[str] = ("F16", "Q4_0"), model: str | None = None,
                     threads: int = 2) -> list[Path]:
     """GGUF baselines of the float model, the files a llama.cpp user would compare with: F16 written by our exporter
     from QATCheckpoint.from_float_model (every 2-D tensor F16, as llama.cpp's converter does), every other type
-    made from that F16 file by llama.cpp's own quantizer. Files already there are reused."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    types = [t.upper() for t in types]
-    for t in types:
-        if t != "F16":
-            _ftype(t)  # unknown type: fail before loading the model
-    f16 = out / "baseline-F16.gguf"
-    if not f16.is_file():
-        from formats.gguf import GGUFOptions, export_gguf
-        from qat.checkpoint_io import QATCheckpoint
-        from paretoq_export.model_source import load_model
+    made from that F16 file by llama.cpp's own quantizer (formats.baselines). Files already there are reused."""
+    from formats.baselines import make_baseline
 
-        source = load_model(model)
-        ckpt = QATCheckpoint.from_float_model(source.model, source.tokenizer,
-                                                    recipe={"base_model": source.base_model})
-        export_gguf(ckpt, f16, GGUFOptions(tensor_types=[".*=F16"], allow_lossy=True, progress=False))
-    paths = []
-    for t in types:
-        path = out / f"baseline-{t}.gguf"
-        if not path.is_file():
-            llama_quantize(f16, path, t, threads=threads)
-        paths.append(path)
-    return paths
+    out = Path(output_dir)
+    types = [t.upper() for t in types]
+    missing = [t for t in types if not (out / f"baseline-{t}.gguf").is_file()]
+    if not missing:
+        return [out / f"baseline-{t}.gguf" for t in types]
+    from formats.baselines import gguf_ftype
+    from paretoq_export.model_source import load_model
+    from qat.checkpoint_io import QATCheckpoint
+
+    for t in missing:
+        if t != "F16":
+            gguf_ftype(t)  # unknown type: fail before loading the model
+    source = load_model(model)
+    ckpt = QATCheckpoint.from_float_model(source.model, source.tokenizer, recipe={"base_model": source.base_model})
+    return [make_baseline("gguf", t, ckpt, out, threads=threads) for t in types]
 
 
 HELP = "prefill/decode speed, memory, size and load time of exported files"

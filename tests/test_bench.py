@@ -9,7 +9,9 @@ import gguf
 import pytest
 
 from formats.registry import format_named
-from paretoq_export.bench import BenchError, bench_artifacts, detect_format, llama_quantize
+from formats.baselines import llama_quantize
+from formats.protocol import ArtifactError
+from paretoq_export.bench import bench_artifacts, detect_format
 from paretoq_export.cli import main
 from runtime_tests.bandwidth import measure_read_bandwidth
 
@@ -112,7 +114,7 @@ def test_baselines_f16_and_llama_cpp_q4_0(artifacts, tmp_path, capsys):
     assert [r["artifact"] for r in report["results"]] == [str(f16), str(q4), str(artifacts["q2"])]
     assert report["results"][1]["size_ratio"] < 0.5 and report["results"][2]["size_ratio"] < 0.3
     assert "baseline-Q4_0.gguf" in capsys.readouterr().out
-    with pytest.raises(BenchError, match="no file type 'Q9_9'"):
+    with pytest.raises(ArtifactError, match="no file type 'Q9_9'"):
         llama_quantize(f16, tmp_path / "x.gguf", "Q9_9")
     assert not (tmp_path / "x.gguf").exists()
 

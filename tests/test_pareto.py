@@ -144,3 +144,35 @@ def test_equal_budget_and_rtn_steps(tmp_path):
     assert [rtn.steps_for(b) for b in rtn.bit_widths()] == [0, 0]
     with pytest.raises(ParetoError, match="--budget"):
         ParetoConfig(output_dir=tmp_path, budget="triple")
+
+
+def test_baselines_add_the_runtimes_own_files_and_a_second_frontier(first_run, inputs):
+    """--baselines on the same folder: the QAT cells are reused, llama.cpp's own quantizations of the float model
+    are made, measured in llama.cpp on the same tokens, tabled and drawn."""
+    import gguf
+
+    out, _, _ = first_run
+    run = ParetoRun(_config(inputs, out, baselines=True))
+    cells = run.run()
+    assert sorted(run.computed) == sorted(f"baseline-gguf-{k}" for k in ("Q8_0", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"))
+    base = {c["baseline"]: c for c in cells if c.get("baseline")}
+    ours = {c["label"]: c for c in cells if not c.get("baseline")}
+    for kind, cell in base.items():
+        path = out / "baselines" / f"baseline-{kind}.gguf"
+        assert cell["size_bytes"] == path.stat().st_size
+        types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+        assert types["blk.0.attn_q.weight"] == {"Q4_K_M": "Q4_K", "Q3_K_M": "Q3_K"}.get(kind, kind)
+        assert cell["runtime_tokens"] == ours["float"]["validation"]["metrics"]["tokens"]
+    assert base["Q8_0"]["size_bytes"] > base["Q4_0"]["size_bytes"] > base["Q2_K"]["size_bytes"]
+    # Q8_0 of the float model is nearly the float model in the same runtime, on the same tokens
+    float_ppl = ours["float"]["validation"]["metrics"]["ppl_artifact"]
+    assert base["Q8_0"]["runtime_ppl"] == pytest.approx(float_ppl, rel=0.05)
+    assert base["Q2_K"]["runtime_ppl"] > base["Q8_0"]["runtime_ppl"]  # fewer bits, lossy: worse
+    table = (out / "pareto.md").read_text()
+    assert "runtime PTQ" in table and "| Q4_K_M |" in table
+    assert (out / "pareto_size.png").stat().st_size > 1000
+
+
+def test_baselines_need_validation(inputs, tmp_path):
+    with pytest.raises(ParetoError, match="--no-validate"):
+        _config(inputs, tmp_path, baselines=True, validate=False)

@@ -1,0 +1,39 @@
+"""The runtimes' own post-training quantization of the float model (formats.baselines), measured in the runtime."""
+
+import onnx
+import pytest
+from tiny_models import TINY_TEXT, tiny_model, tiny_tokenizer
+
+from formats.baselines import baseline_kinds, make_baseline, runtime_perplexity
+from formats.protocol import ArtifactError
+from qat.checkpoint_io import QATCheckpoint
+
+
+@pytest.fixture(scope="module")
+def float_ckpt():
+    return QATCheckpoint.from_float_model(tiny_model("llama"), tiny_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return [int(t) for t in tiny_tokenizer()(TINY_TEXT * 3)["input_ids"][:96]]
+
+
+def test_onnxruntime_int4_baseline_is_quantized_and_close_to_fp32(float_ckpt, ids, tmp_path):
+    path = make_baseline("onnx", "int4", float_ckpt, tmp_path)
+    graph = onnx.load(str(path / "model.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulNBits") == 7 * 2 + 1  # every decoder linear of both layers and the head, as its users get
+    assert (path / "tokenizer.json").is_file()
+    fp32 = runtime_perplexity(tmp_path / "baseline-onnx-fp32", ids)
+    int4 = runtime_perplexity(path, ids)
+    assert int4 == pytest.approx(fp32, rel=0.05) and int4 != fp32
+    assert make_baseline("onnx", "int4", float_ckpt, tmp_path) == path  # reused, not rebuilt
+
+
+def test_unknown_baselines_are_refused(float_ckpt, tmp_path):
+    assert "Q4_0" in baseline_kinds("gguf") and baseline_kinds("executorch") == ()
+    with pytest.raises(ArtifactError, match="no runtime baseline for executorch"):
+        make_baseline("executorch", "8da4w", float_ckpt, tmp_path)
+    with pytest.raises(ArtifactError, match="unknown ONNX baseline"):
+        make_baseline("onnx", "int3", float_ckpt, tmp_path)
