@@ -36,7 +36,7 @@ from qat.recipe import recipe
 from qat.trainer import TrainConfig, train
 
 _FLOATS = ("anneal_frac", "alpha_lr_scale", "distill_weight", "lr")
-_INTS = ("steps", "seed")
+_INTS = ("steps", "seed", "group", "emb")
 
 
 def parse_variant(text: str) -> dict:
@@ -51,7 +51,7 @@ def parse_variant(text: str) -> dict:
             spec[key] = int(value)
         elif key == "bits":
             spec[key] = parse_bits(value)
-        elif key in ("method", "recipe", "alpha_init"):
+        elif key in ("method", "recipe", "alpha_init", "target"):
             spec[key] = value
         else:
             raise SystemExit(f"error: variant {text!r}: unknown key {key!r}")
@@ -65,6 +65,23 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def qat_config(spec: dict, bits: float, alpha_init: str, model: torch.nn.Module) -> QATConfig:
+    """The variant's QATConfig: group size (``group``), embedding bits (``emb``, same group size) and ``target=gguf``:
+    rows no 256-block GGUF type can hold (their length is not a multiple of 256) train as 4-bit with groups of 32,
+    i.e. exactly Q4_0, the container they would be stored in anyway; the rest at ``bits``."""
+    overrides, group_overrides = {}, {}
+    if spec.get("target") == "gguf":
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in QATConfig().target_modules \
+                    and module.in_features % 256:
+                key = name.split(".")[-1]
+                overrides[key], group_overrides[key] = 4, 32
+    elif spec.get("target"):
+        raise SystemExit(f"error: target {spec['target']!r}: only gguf here")
+    return QATConfig(bits=bits, alpha_init=alpha_init, group_size=spec.get("group"), overrides=overrides,
+                     group_overrides=group_overrides, embedding_bits=spec.get("emb"))
+
+
 def run_variant(spec: dict, model: torch.nn.Module, tokenizer, train_blocks: torch.Tensor, heldout: torch.Tensor,
                 args: argparse.Namespace, tmp: Path, device: str) -> dict:
     bits = spec.get("bits", parse_bits(args.bits))
@@ -73,7 +90,7 @@ def run_variant(spec: dict, model: torch.nn.Module, tokenizer, train_blocks: tor
     seed = spec.get("seed", args.seed)
     method = spec.get("method", "qat")
     cfg = TrainConfig(steps=steps, batch_size=args.batch_size, lr=lr, warmup_steps=max(1, steps // 20),
-                      eval_every=0, eval_at_start=False, seed=seed, fused=args.fused)
+                      eval_at_start=False, seed=seed, fused=args.fused, **args.train_extra)
     row = {"name": spec["name"], "method": method, "bits": bits, "steps": steps, "lr": lr, "seed": seed,
            "train_tokens": steps * args.batch_size * train_blocks.shape[1]}
     start = time.time()
@@ -88,24 +105,29 @@ def run_variant(spec: dict, model: torch.nn.Module, tokenizer, train_blocks: tor
         row["recipe"] = chosen.to_json()
         if "lr" not in spec and chosen.lr_for(bits) is not None:  # the recipe's lr unless the variant names one
             row["lr"] = chosen.lr_for(bits)
-        prepare(target, QATConfig(bits=bits, alpha_init=chosen.alpha_init))
+        prepare(target, qat_config(spec, bits, chosen.alpha_init, model))
+        row.update({k: spec[k] for k in ("group", "emb", "target") if k in spec})
         cfg = dataclasses.replace(cfg, lr=row["lr"], anneal_frac=chosen.anneal_frac,
                                   alpha_lr_scale=chosen.alpha_lr_scale, distill_weight=chosen.distill_weight)
         teacher = None
         if chosen.distill_weight > 0:
             teacher = copy.deepcopy(model).to(torch.bfloat16 if device == "cuda" else torch.float32)
         if steps > 0:
-            result = train(target, train_blocks, None, cfg, teacher=teacher)
+            result = train(target, train_blocks, heldout if args.eval_every else None, cfg, teacher=teacher)
         else:
             result = None
         del teacher
         ckpt = QuantizedCheckpoint.from_qat_model(target, tokenizer, recipe={"method": "qat"})
     if result is not None:
-        row.update(final_train_loss=round(result.final_loss, 4), tokens_per_s=round(result.tokens_per_s))
+        row.update(final_train_loss=round(result.final_loss, 4), tokens_per_s=round(result.tokens_per_s),
+                   heldout_history=result.heldout_ppl,
+                   **{k: getattr(result, k) for k in ("kept_step", "best_step", "passes", "warnings")
+                      if hasattr(result, k)})
     row["train_seconds"] = round(time.time() - start, 1)
     del target
-    ckpt.save(tmp / spec["name"])
-    reference = QuantizedCheckpoint.load(tmp / spec["name"]).build_reference_model().to(device)
+    where = Path(args.save_dir) if args.save_dir else tmp
+    ckpt.save(where / spec["name"])
+    reference = QuantizedCheckpoint.load(where / spec["name"]).build_reference_model().to(device)
     row["heldout_ppl"] = heldout_perplexity(reference, heldout)
     del reference, ckpt
     if device == "cuda":
@@ -155,9 +177,18 @@ def main() -> None:
                     help="fused fake-quant kernels (default off: every earlier benchmark ran the reference path)")
     ap.add_argument("--eval-blocks", type=int, default=64)
     ap.add_argument("--no-float", action="store_true", help="skip the float model's row")
+    ap.add_argument("--save-dir", default=None, help="keep each variant's canonical checkpoint here (NAME/)")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="held-out PPL during training every N steps; the best evaluation's weights are kept where "
+                         "the trainer supports it (keep_best)")
     ap.add_argument("--out", default="bench/results/qat_recipe_ablation.json")
     ap.add_argument("--plot-only", default=None, metavar="JSON")
     args = ap.parse_args()
+    args.train_extra = {"eval_every": 0}
+    if args.eval_every:
+        args.train_extra = {"eval_every": args.eval_every}
+        if "keep_best" in TrainConfig.__dataclass_fields__:
+            args.train_extra["keep_best"] = True
     if args.plot_only:
         results = json.loads(Path(args.plot_only).read_text())
         print(f"wrote {plot(results, Path(args.plot_only).with_suffix('.png'))}")
@@ -168,7 +199,10 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_float32_matmul_precision("high")
     source = load_model(args.model)
-    train_blocks, heldout = build_data(source.tokenizer, DataConfig(args.data, args.block_size))
+    started = time.time()
+    train_blocks, heldout = build_data(source.tokenizer, DataConfig(args.data, args.block_size),
+                                       model=source.model.to(device))  # teacher[:N] sources sample the float model
+    data_seconds = time.time() - started
     heldout = heldout[: args.eval_blocks]
     model = source.model.to(device)
     out = Path(args.out)
@@ -176,6 +210,7 @@ def main() -> None:
                         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                         "torch": torch.__version__, "train_blocks": len(train_blocks),
                         "train_tokens_available": train_blocks.numel(), "heldout_tokens": heldout.numel(),
+                        "data_seconds": round(data_seconds, 1),
                         "command": " ".join(sys.argv)}, "rows": []}
     if not args.no_float:
         results["rows"].append({"name": "float", "method": "float", "bits": 16.0,
