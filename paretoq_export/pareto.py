@@ -29,7 +29,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -71,6 +71,7 @@ class ParetoConfig:
     eval_blocks: int = 16  # held-out blocks for the reference perplexity
     gguf_embedding_type: str | None = None  # token_embd of quantized GGUF files (None: F16); Q8_0 as llama.cpp Q4_0
     baselines: bool = False  # also the runtimes' own post-training files of the float model (formats.baselines)
+    checkpoints: dict = field(default_factory=dict)  # bits -> an existing checkpoint folder (trained elsewhere)
     validate: bool = True
     validate_tokens: int = 512
     validate_text: str | None = None  # text file for the logit comparison (default: validate's held-out Wikipedia)
@@ -94,6 +95,13 @@ class ParetoConfig:
         if not self.bits:
             raise ParetoError("no --bits given: e.g. --bits 1.58 2 3 4 16")
         self.bit_widths()  # fail on a bad spelling before any work
+        given = {}
+        for bits, folder in dict(self.checkpoints).items():
+            value = FLOAT_BITS if str(bits) in ("16", "float") else parse_bits(bits)
+            if not (Path(folder) / "config.json").is_file():
+                raise ParetoError(f"--checkpoint {bits}={folder}: no checkpoint there (config.json missing)")
+            given[value] = str(Path(folder).resolve())
+        self.checkpoints = given
         if self.baselines and not self.validate:
             raise ParetoError("--baselines compares every file by its perplexity in its runtime, which validation "
                               "measures: drop --no-validate")
@@ -117,6 +125,13 @@ class ParetoConfig:
 
     def settings(self, bits: float) -> dict:
         """What a finished cell of ``bits`` depends on: a rerun with other values is refused."""
+        if bits in self.checkpoints:  # trained elsewhere: the folder and its weights' hash say what it is
+            folder = Path(self.checkpoints[bits])
+            config = json.loads((folder / "config.json").read_text())
+            digest = (config.get("quantization_config") or {}).get("weights_sha256") or config.get("weights_sha256")
+            return {"model": self.model, "method": "given", "checkpoint": str(folder), "weights": digest,
+                    "steps": 0, "eval_blocks": self.eval_blocks, "data": list(self.data),
+                    "block_size": self.block_size, "heldout_fraction": self.heldout_fraction}
         return {"model": self.model, "method": "float" if bits == FLOAT_BITS else self.method,
                 "steps": self.steps_for(bits), "data": list(self.data), "block_size": self.block_size,
                 "batch_size": self.batch_size, "lr": self.lr, "seed": self.seed, "eval_blocks": self.eval_blocks,
@@ -197,7 +212,7 @@ class ParetoRun:
     def checkpoint(self, bits: float) -> tuple[Path, dict]:
         c = self.config
         name = label(bits)
-        ckpt_dir = self.out / "checkpoints" / name
+        ckpt_dir = Path(c.checkpoints[bits]) if bits in c.checkpoints else self.out / "checkpoints" / name
         cell_path = self.cells_dir / f"checkpoint-{name}.json"
         settings = c.settings(bits)
         cell = _read_cell(cell_path, settings)
@@ -205,6 +220,8 @@ class ParetoRun:
         if cell is not None and ckpt_ok:
             return ckpt_dir, cell
         t0 = time.perf_counter()
+        if bits in c.checkpoints and not ckpt_ok:
+            raise ParetoError(f"--checkpoint {name}: {ckpt_dir} does not load as a checkpoint")
         train_info = {} if ckpt_ok else self._make_checkpoint(bits, ckpt_dir)
         ckpt = QuantizedCheckpoint.load(ckpt_dir)
         tokenizer = ckpt.load_tokenizer()
@@ -216,7 +233,9 @@ class ParetoRun:
         ppl = heldout_perplexity(ckpt.build_reference_model(), blocks)
         recipe = ckpt.recipe
         cell = {"version": CELL_VERSION, "settings": settings, "bits": bits, "label": name,
-                "method": settings["method"], "steps": settings["steps"],
+                "method": recipe.get("method", settings["method"]) if bits in c.checkpoints else settings["method"],
+                "steps": int((recipe.get("train") or {}).get("steps", 0)) if bits in c.checkpoints
+                else settings["steps"],
                 "train_tokens": int(recipe.get("train_tokens", 0)),
                 "train_seconds": train_info.get("seconds", recipe.get("seconds")),
                 "final_loss": train_info.get("final_loss"), "heldout_ppl": ppl,
@@ -578,6 +597,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also the runtimes' own post-training files of the float model, measured the same way "
                              "and drawn as a second frontier: llama.cpp's Q8_0, Q4_K_M, Q4_0, Q3_K_M, Q2_K (GGUF), "
                              "onnxruntime's 4-bit MatMulNBits quantizer (ONNX)")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="BITS=DIR",
+                        help="use an existing checkpoint for that bit-width (e.g. one trained on a GPU) instead of "
+                             "training it here; repeatable")
     parser.add_argument("--no-validate", action="store_true", help="skip the runtime-vs-reference validation")
     parser.add_argument("--tasks", nargs="*", default=[], help="zero-shot tasks for validate (e.g. arc_easy piqa)")
     parser.add_argument("--limit", type=int, default=None, help="examples per zero-shot task")
@@ -586,6 +608,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pp", type=int, default=128)
     parser.add_argument("--tg", type=int, default=64)
     parser.add_argument("-o", "--output-dir", required=True, help="where cells, checkpoints, artifacts, table, plots go")
+
+
+def _bits_and_dir(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ParetoError(f"--checkpoint {item!r} must look like BITS=DIR, e.g. 4=ckpt-q4")
+    bits, folder = item.split("=", 1)
+    return bits.strip(), folder.strip()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -598,6 +627,7 @@ def run(args: argparse.Namespace) -> int:
         recipe=args.recipe,
         seed=args.seed, save_every=args.save_every, eval_blocks=args.eval_blocks, validate=not args.no_validate,
         gguf_embedding_type=args.gguf_embedding_type, baselines=args.baselines, validate_tokens=args.validate_tokens,
+        checkpoints=dict(_bits_and_dir(item) for item in args.checkpoint),
         validate_text=args.text, tasks=list(args.tasks),
         limit=args.limit, threads=args.threads,
         repeats=args.repeats, pp=args.pp, tg=args.tg,

@@ -176,3 +176,17 @@ def test_baselines_add_the_runtimes_own_files_and_a_second_frontier(first_run, i
 def test_baselines_need_validation(inputs, tmp_path):
     with pytest.raises(ParetoError, match="--no-validate"):
         _config(inputs, tmp_path, baselines=True, validate=False)
+
+
+def test_given_checkpoint_is_swept_not_trained(first_run, inputs, tmp_path, monkeypatch):
+    """--checkpoint BITS=DIR: a checkpoint trained elsewhere (a GPU) is exported, validated and benched here."""
+    out, _, _ = first_run
+    given = out / "checkpoints" / "2bit"
+    monkeypatch.setattr(pipeline, "run_qat", lambda *a, **k: pytest.fail("a given checkpoint must not be trained"))
+    run = ParetoRun(_config(inputs, tmp_path / "sweep", bits=["2"], checkpoints={"2": str(given)}))
+    (cell,) = run.run()
+    assert cell["checkpoint"]["checkpoint"] == str(given.resolve())
+    assert cell["checkpoint"]["method"] == "qat" and cell["checkpoint"]["steps"] == 6  # from the checkpoint's recipe
+    assert cell["validation"]["readback"] and not (tmp_path / "sweep" / "checkpoints").exists()
+    with pytest.raises(ParetoError, match="config.json missing"):
+        _config(inputs, tmp_path / "x", checkpoints={"4": str(tmp_path)})
