@@ -4,9 +4,10 @@ accuracy level, plus logit quality vs the PyTorch reference, for one model in on
     python bench/onnx_bench.py [--model DIR_OR_GGUF] [--threads 2] [--pp 128] [--tg 64] [--rounds 3]
                                [--out bench/results/onnx_bench.json]
 
-Rows: ParetoQ 2-bit at accuracy_level 0 and 4 (2-bit SEQ as bits=2 with float zero point 1.5: onnxruntime keeps it
-on its float path at both levels), 2-bit at level 4 with --seq2-bits 4 (bits=4, int8 kernels), 4-bit at levels 0
-and 4, and the float checkpoint (fp16-stored, float32 compute) as plain MatMuls. Checkpoints are RTN (same grids and
+Rows: ParetoQ 2-bit with an 8-bit embedding/lm_head (--embedding-bits 8: GatherBlockQuantized lookup + bits=8
+MatMulNBits head over the same codes) as exported by default (bits=4 integer zero points, accuracy_level 4) and with
+--smallest (bits=2, float zero point 1.5), 2-bit with the float table by default and as the old exact
+level-0 --smallest file, and the float checkpoint (fp16-stored, float32 compute) as plain MatMuls. Checkpoints are RTN (same grids and
 containers as QAT ones, so size and speed are representative; RTN 2-bit SmolLM2 itself is a broken model, so its
 PPL is only a consistency check). Each model is timed in its own process so peak RSS is its own, round-robin over
 the models (--rounds) so that other load on the machine falls on every row alike; compare ratios within one run.
@@ -29,13 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from formats.onnx import OnnxOptions, export_onnx  # noqa: E402
 from paretoq_export.bench import bench_artifacts  # noqa: E402
 
-VARIANTS = (  # name, bits (None: float checkpoint), accuracy level, seq2 bits
-    ("ParetoQ 2-bit acc0", 2, 0, 2),
-    ("ParetoQ 2-bit acc4", 2, 4, 2),
-    ("ParetoQ 2-bit acc4 seq2-bits4", 2, 4, 4),
-    ("ParetoQ 4-bit acc0", 4, 0, 2),
-    ("ParetoQ 4-bit acc4", 4, 4, 2),
-    ("float32", None, 0, 2),
+VARIANTS = (  # name, (bits, embedding bits) (bits None: float checkpoint), accuracy level, smallest
+    ("2-bit emb8 default", (2, 8), 4, False),
+    ("2-bit emb8 --smallest", (2, 8), 4, True),
+    ("2-bit default", (2, None), 4, False),
+    ("2-bit acc0 --smallest", (2, None), 0, True),
+    ("float32", (None, None), 0, False),
 )
 
 
@@ -67,22 +67,23 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
     source = load_model(args.model)
-    checkpoints = {None: QATCheckpoint.from_float_model(source.model, source.tokenizer,
-                                                              recipe={"base_model": source.base_model})}
-    for bits in sorted({v[1] for v in VARIANTS if v[1] is not None}):
-        model = prepare(copy.deepcopy(source.model), QATConfig(bits=bits))
-        checkpoints[bits] = QATCheckpoint.from_qat_model(
+    checkpoints = {(None, None): QATCheckpoint.from_float_model(source.model, source.tokenizer,
+                                                                recipe={"base_model": source.base_model})}
+    for bits, emb in sorted({v[1] for v in VARIANTS if v[1][0] is not None}, key=str):
+        model = prepare(copy.deepcopy(source.model), QATConfig(bits=bits, embedding_bits=emb))
+        checkpoints[bits, emb] = QATCheckpoint.from_qat_model(
             model, source.tokenizer, recipe={"method": "rtn", "base_model": source.base_model})
         del model
     ids = np.asarray(source.tokenizer(validation_text())["input_ids"][: args.quality_tokens])
     references = {bits: reference_logits(ckpt, ids) for bits, ckpt in checkpoints.items()} if len(ids) else {}
 
     rows = []
-    for name, bits, level, seq2_bits in VARIANTS:
+    for name, bits, level, smallest in VARIANTS:
         ckpt = checkpoints[bits]
-        options = OnnxOptions(accuracy_level=level, seq2_bits=seq2_bits, overwrite=True, progress=False)
-        result = export_onnx(ckpt, work / name.replace(" ", "_"), options)
-        row = {"name": name, "bits": bits, "accuracy_level": level, "seq2_bits": seq2_bits,
+        options = OnnxOptions(accuracy_level=level, smallest=smallest, overwrite=True, progress=False)
+        result = export_onnx(ckpt, work / name.replace(" ", "_").replace("-", ""), options)
+        row = {"name": name, "bits": bits[0], "embedding_bits": bits[1], "accuracy_level": level,
+               "smallest": smallest,
                "path": str(result.path), "export_s": result.seconds, "bytes": result.nbytes,
                "containers": result.container_counts(), "float_bytes": result.float_bytes}
         if len(ids):

@@ -5,15 +5,19 @@
 
 The output folder is what onnxruntime-genai loads: model.onnx (+ model.onnx.data above 2 GB), genai_config.json and
 the tokenizer files. MatMulNBits initializers come straight from the integer codes and fp16 steps
-(formats.onnx_nbits), never from float weights. ``accuracy_level`` 0 keeps float32 activations (the logits match
-the PyTorch reference to ~1e-6); 4 lets onnxruntime quantize activations to int8 in the integer-zero-point
-kernels (faster; logits move by ~1e-2). The folder is written to a temporary sibling, opened once in onnxruntime,
-and only then renamed into place.
+(formats.onnx_nbits), never from float weights; a quantized embedding table is a com.microsoft GatherBlockQuantized
+over the same packed codes and scales as the tied lm_head's MatMulNBits (one copy in the file). By default every
+grid takes the exact container onnxruntime runs fastest and ``accuracy_level`` 4 (onnxruntime quantizes
+activations to int8; logits move by ~1e-2); ``accuracy_level`` 0 keeps float32 activations (logits match the
+PyTorch reference to ~1e-6); ``smallest`` stores 2-bit SEQ as bits=2 with a float zero point (fewest bytes, a float
+kernel). The folder is written to a temporary sibling, opened once in onnxruntime, and only then renamed into
+place.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,7 +27,9 @@ import numpy as np
 import onnx_ir as ir
 
 from formats.onnx_graph import MS_DOMAIN, DecoderGraph, GraphWriter, UnsupportedModelError, describe_model, rotary_tables
-from formats.onnx_nbits import MIN_BLOCK, NBitsError, choose_block_size, choose_encoding, encode_weight
+from formats.onnx_nbits import (
+    MIN_BLOCK, NBitsError, NBitsWeight, choose_block_size, choose_encoding, encode_weight,
+)
 from paretoq_export.canonical.atomic import atomic_dir
 from paretoq_export.canonical.checkpoint import open_checkpoint
 from paretoq_export.canonical.grids import format_bits
@@ -36,6 +42,8 @@ EXTERNAL_DATA_BYTES = 2 * 1024**3 - 2**24  # protobuf's 2 GB limit, with room fo
 PARETOQ_VERSION = "0.1.0"
 EMBED = "model.embed_tokens.weight"
 
+log = logging.getLogger(__name__)
+
 
 class OnnxExportError(ValueError):
     """An ONNX export the user can fix; the message is one line naming the problem and the fix."""
@@ -43,9 +51,9 @@ class OnnxExportError(ValueError):
 
 @dataclass
 class OnnxOptions:
-    accuracy_level: int = 0  # MatMulNBits accuracy_level: 0 float activations (exact), 4 int8 activations (fast)
-    max_block_size: int = 128  # largest MatMulNBits block tried; the largest power of two dividing K is used
-    seq2_bits: int = 2  # 2-bit SEQ container: 2 (float zero point 1.5) or 4 (twice the size, int8 kernels at level 4)
+    accuracy_level: int = 4  # MatMulNBits accuracy_level: 4 int8 activations (fast), 0 float activations (exact)
+    max_block_size: int = 128  # largest MatMulNBits block tried; the largest power of two dividing K (or G) is used
+    smallest: bool = False  # 2-bit SEQ (and level-0 ternary/binary) as bits=2 with a float zero point: fewest bytes
     overwrite: bool = False
     external_data: bool | None = None  # None: only when the tensors exceed protobuf's 2 GB
     check_runtime: bool = True  # open the folder in onnxruntime before renaming it into place
@@ -60,7 +68,9 @@ class LinearRecord:
     container: str  # "int2-float-zp", "int4", "float" ...
     block_size: int | None
     shape: tuple[int, int]
-    nbytes: int
+    nbytes: int  # bytes this module added to the file (0: it shares another's initializers)
+    why: str = ""  # why this container (the export log says it)
+    op: str = "MatMulNBits"  # or "GatherBlockQuantized" (the embedding lookup), "MatMul" (float)
 
 
 @dataclass
@@ -94,11 +104,27 @@ def float_weight_name(ckpt, module: str) -> str:
 
 
 class _Linears:
-    """The LinearEmitter: MatMulNBits from codes for quantized modules, MatMul on the float weight otherwise."""
+    """The LinearEmitter and the embedding lookup: MatMulNBits from codes for quantized modules, MatMul on the float
+    weight otherwise; a quantized embedding table as GatherBlockQuantized over the packed initializers its tied
+    lm_head's MatMulNBits reads (one copy of the codes and scales)."""
 
     def __init__(self, ckpt, options: OnnxOptions, tensor):
         self.ckpt, self.options, self.tensor = ckpt, options, tensor
         self.records: list[LinearRecord] = []
+        self._packed: dict[str, tuple[NBitsWeight, list[ir.Value]]] = {}  # checkpoint key -> initializers
+
+    def _nbits(self, g: GraphWriter, key: str, q) -> tuple[NBitsWeight, list[ir.Value], int]:
+        """The MatMulNBits initializers of quantized tensor ``key`` (made once) and the bytes they added now."""
+        if key in self._packed:
+            return *self._packed[key], 0
+        enc = choose_encoding(q.grid, self.options.accuracy_level, self.options.smallest)
+        w = encode_weight(q.codes.numpy(), q.scale.numpy(), q.grid, enc, self.options.max_block_size)
+        base = key.removesuffix(".weight")
+        values = [g.constant(w.packed, f"{base}.qweight"), g.constant(w.scales, f"{base}.scales")]
+        if w.zero_points is not None:
+            values.append(g.constant(w.zero_points, f"{base}.zero_points"))
+        self._packed[key] = (w, values)
+        return w, values, w.nbytes
 
     def __call__(self, g: GraphWriter, x: ir.Value, module: str) -> ir.Value:
         q = quantized_weight(self.ckpt, module)
@@ -110,29 +136,45 @@ class _Linears:
             before = g.float_bytes
             weight = g.float_tensor(values, name)  # a tied table already stored adds no bytes
             self.records.append(LinearRecord(module, None, None, "float", None, tuple(values.shape),
-                                             g.float_bytes - before))
+                                             g.float_bytes - before, op="MatMul"))
             # onnxruntime folds this Transpose of an initializer at load; the file keeps the HF layout
             return g.op("MatMul", x, g.op("Transpose", weight, perm=[1, 0]), name=module)
-        enc = choose_encoding(q.grid, self.options.accuracy_level, self.options.seq2_bits)
-        w = encode_weight(q.codes.numpy(), q.scale.numpy(), q.grid, enc, self.options.max_block_size)
-        inputs = [x, g.constant(w.packed, f"{module}.qweight"), g.constant(w.scales, f"{module}.scales")]
-        if w.zero_points is not None:
-            inputs.append(g.constant(w.zero_points, f"{module}.zero_points"))
-        self.records.append(LinearRecord(module, q.grid.name, q.grid.bits, enc.kind, w.block_size, (w.n, w.k),
-                                         w.nbytes))
-        return g.op("MatMulNBits", *inputs, domain=MS_DOMAIN, name=module,
+        key = f"{module}.weight" if f"{module}.weight" in self.ckpt.quantized else EMBED
+        w, inputs, added = self._nbits(g, key, q)
+        self.records.append(LinearRecord(module, q.grid.name, q.grid.bits, w.encoding.kind, w.block_size, (w.n, w.k),
+                                         added, w.encoding.why))
+        return g.op("MatMulNBits", x, *inputs, domain=MS_DOMAIN, name=module,
                     **w.attributes(self.options.accuracy_level))
+
+    def embedding(self, g: GraphWriter, input_ids: ir.Value) -> ir.Value | None:
+        """GatherBlockQuantized over the quantized table (None: the table is float, a plain Gather). onnxruntime's
+        uint8 kernel computes (code - zp) * scale in float32 per element with the MatMulNBits layout (LSB-first
+        along the row, default zp 2^(bits-1); contrib_ops/cpu/quantization/gather_block_quantized.cc): exactly
+        s * (q - z). It takes the packed codes as [vocab, K * bits / 8], so the MatMulNBits initializer
+        [vocab, k_blocks, blob] reaches it through a Reshape (folded at load; the file holds one copy)."""
+        q = self.ckpt.quantized.get(EMBED)
+        if q is None:
+            return None
+        w, inputs, added = self._nbits(g, EMBED, q)
+        if w.zero_points is not None:  # embedding grids are lsq4/lsq8 (integer zero points); a new one must be added
+            raise NBitsError(f"the {q.grid.name} embedding grid has no GatherBlockQuantized encoding")
+        rows = g.op("Reshape", inputs[0], g.int64s([w.n, -1], "model.embed_tokens/rows"))
+        out = g.op("GatherBlockQuantized", rows, input_ids, inputs[1], domain=MS_DOMAIN, name="model.embed_tokens",
+                   bits=w.bits, block_size=w.block_size, gather_axis=0, quantize_axis=1)
+        padded = -(-w.k // w.block_size) * w.block_size
+        if padded != w.k:  # the last block's zero padding is gathered too: cut it off
+            out = g.op("Slice", out, g.int64s([0], "model.embed_tokens/start"),
+                       g.int64s([w.k], "model.embed_tokens/end"), g.int64s([-1], "model.embed_tokens/axis"))
+        self.records.append(LinearRecord("model.embed_tokens", q.grid.name, q.grid.bits, w.encoding.kind,
+                                         w.block_size, (w.n, w.k), added, w.encoding.why, op="GatherBlockQuantized"))
+        return out
 
 
 def _tensor_source(ckpt):
-    """HF tensor name -> float32 array: float tensors as stored, a quantized embedding table dequantized (exact)."""
+    """HF tensor name -> float32 array of a float tensor (quantized ones go through _Linears)."""
 
     def tensor(name: str) -> np.ndarray | None:
-        if name in ckpt.tensors:
-            return ckpt.tensors[name].float().numpy()
-        if name == EMBED and name in ckpt.quantized:
-            return ckpt.quantized[name].dequantize().numpy()
-        return None
+        return ckpt.tensors[name].float().numpy() if name in ckpt.tensors else None
 
     return tensor
 
@@ -148,7 +190,7 @@ def default_dirname(ckpt, options: OnnxOptions | None = None) -> str:
     options = options or OnnxOptions()
     bits = sorted({q.grid.bits for q in ckpt.quantized.values()})
     tag = "ParetoQ-" + "-".join(f"{format_bits(b)}bit" for b in bits) if bits else "float"
-    return f"{_basename(ckpt)}-{tag}-onnx-acc{options.accuracy_level}"
+    return f"{_basename(ckpt)}-{tag}-onnx-acc{options.accuracy_level}{'-smallest' if options.smallest else ''}"
 
 
 def genai_config(ckpt, spec: ModelDescription) -> dict:
@@ -198,9 +240,10 @@ def _metadata(ckpt, options: OnnxOptions, records: list[LinearRecord]) -> dict[s
         "paretoq.canonical_form": "w = s * (q - z), s fp16 per output row; MatMulNBits scale = s / mul, "
                                   "code = mul * q + add, zero point = add + mul * z (exact)",
         "paretoq.accuracy_level": str(options.accuracy_level),
+        "paretoq.smallest": str(options.smallest).lower(),
         "paretoq.quantized_linears": json.dumps(
-            {r.module: {"grid": r.grid, "bits": r.bits, "container": r.container, "block_size": r.block_size}
-             for r in quant}, sort_keys=True),
+            {r.module: {"grid": r.grid, "bits": r.bits, "container": r.container, "block_size": r.block_size,
+                        "op": r.op} for r in quant}, sort_keys=True),
     }
 
 
@@ -213,9 +256,11 @@ def export_onnx(checkpoint, output: str | os.PathLike | None = None,
     t0 = time.perf_counter()
     ckpt, ckpt_path = open_checkpoint(checkpoint)
     spec = describe_model(ckpt.config)
-    choose_block_size(MIN_BLOCK, options.max_block_size)  # fail on options before any work
+    choose_block_size(MIN_BLOCK, options.max_block_size)  # fail on options and group sizes before any work
     for q in ckpt.quantized.values():
-        choose_encoding(q.grid, options.accuracy_level, options.seq2_bits)
+        choose_encoding(q.grid, options.accuracy_level, options.smallest)
+        if q.scale.ndim == 2:
+            choose_block_size(q.shape[1], options.max_block_size, q.group_size)
     extra = set(ckpt.quantized) - {f"{m}.weight" for m in _linear_modules(spec)} - {EMBED}
     if extra:
         raise UnsupportedModelError(f"quantized tensors {sorted(extra)[:3]} have no place in the {spec.model_type} "
@@ -234,10 +279,13 @@ def export_onnx(checkpoint, output: str | os.PathLike | None = None,
     cos, sin = rotary_tables(ckpt.config, spec)
     try:
         builder = DecoderGraph(spec, cos, sin, tensor, linears, progress=lambda it, **kw: tqdm(it, disable=disable,
-                                                                                                 **kw))
+                                                                                                 **kw),
+                               embedding=linears.embedding)
         model = builder.build()
     except NBitsError as exc:
         raise OnnxExportError(str(exc)) from None
+    for kind, why in sorted({(r.container, r.why) for r in linears.records if r.why}):
+        log.info("%s: %s", kind, why)
     model.metadata_props.update(_metadata(ckpt, options, linears.records))
 
     with atomic_dir(output) as tmp:

@@ -18,10 +18,14 @@ MODEL_FILE = "model.onnx"  # formats.onnx.MODEL_FILE (not imported here: onnx is
 GENAI_CONFIG = "genai_config.json"
 
 ACCURACY_HELP = (
-    "MatMulNBits accuracy_level. 0 (default): float32 activations, logits match the PyTorch reference to ~1e-6; "
-    "3/4-bit layers run fast, 2-bit layers use a float zero point (float kernel). 4: onnxruntime quantizes "
-    "activations to int8 in the integer-zero-point kernels (3/4-bit, ternary, binary): faster decoding, logits "
-    "off by ~1e-2; 2-bit SEQ keeps its float zero point (float kernel) unless --seq2-bits 4"
+    "MatMulNBits accuracy_level. 4 (default): onnxruntime quantizes activations to int8 in its integer kernels "
+    "(fast; logits off by ~1e-2). 0: float32 activations, logits match the PyTorch reference to ~1e-6 (slower; "
+    "an 8-bit embedding/lm_head is very slow there)"
+)
+SMALLEST_HELP = (
+    "fewest bytes instead of fastest: 2-bit SEQ as bits=2 with a float zero point 1.5 (~35%% fewer linear bytes; "
+    "onnxruntime runs it on a float kernel, ~10x slower per layer) instead of the exact bits=4 codes 2q+5 with "
+    "step s/2; at --accuracy-level 0 ternary/binary likewise"
 )
 
 
@@ -54,13 +58,12 @@ class OnnxFormat(ExportFormat):
 
     # ------------------------------------------------------------------ export
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--accuracy-level", type=int, default=0, choices=(0, 4), help=ACCURACY_HELP)
-        parser.add_argument("--seq2-bits", type=int, default=2, choices=(2, 4),
-                            help="2-bit SEQ container: 2 (bits=2, float zero point 1.5; smallest) or 4 (bits=4, "
-                                 "codes 2q+5, step s/2: exact, twice the size, int8 kernels at --accuracy-level 4)")
+        parser.add_argument("--accuracy-level", type=int, default=4, choices=(0, 4), help=ACCURACY_HELP)
+        parser.add_argument("--smallest", action="store_true", help=SMALLEST_HELP)
         parser.add_argument("--block-size", type=int, default=128,
                             help="largest MatMulNBits block size (power of two >= 16); per tensor the largest power "
-                                 "of two dividing the input width is used (576 -> 64)")
+                                 "of two dividing the input width (or the checkpoint's group size) is used "
+                                 "(576 -> 64)")
         parser.add_argument("--external-data", action="store_true",
                             help="store tensors in model.onnx.data (automatic above 2 GB)")
 
@@ -68,7 +71,7 @@ class OnnxFormat(ExportFormat):
         from formats.onnx import OnnxOptions
 
         return OnnxOptions(accuracy_level=args.accuracy_level, max_block_size=args.block_size,
-                           seq2_bits=args.seq2_bits, overwrite=args.overwrite,
+                           smallest=args.smallest, overwrite=args.overwrite,
                            external_data=True if args.external_data else None)
 
     def default_output(self, checkpoint_dir: Path, checkpoint, options: Any) -> Path:
@@ -76,16 +79,27 @@ class OnnxFormat(ExportFormat):
 
         return Path(checkpoint_dir).resolve().parent / default_dirname(checkpoint, options)
 
+    def default_name(self, checkpoint, options: Any) -> str:
+        from formats.onnx import default_dirname
+
+        return default_dirname(checkpoint, options)
+
     def export(self, checkpoint, output: str | os.PathLike | None, options: Any) -> ExportedArtifact:
         from formats.onnx import export_onnx
 
         result = export_onnx(checkpoint, output, options)
         lines = [f"wrote {result.path} ({result.nbytes / 2**20:.1f} MiB, accuracy_level {result.accuracy_level}, "
-                 f"{result.seconds:.1f} s)", f"{'container':<16} {'linears':>7} {'MiB':>8}"]
+                 f"{result.seconds:.1f} s)", f"{'container':<16} {'tensors':>7} {'MiB':>8}  why"]
         for kind, n in sorted(result.container_counts().items()):
             mib = sum(r.nbytes for r in result.records if r.container == kind) / 2**20
-            lines.append(f"{kind:<16} {n:>7} {mib:>8.2f}")
+            why = "; ".join(sorted({r.why for r in result.records if r.container == kind and r.why}))
+            lines.append(f"{kind:<16} {n:>7} {mib:>8.2f}  {why}".rstrip())
         lines.append(f"{'float tensors':<16} {'':>7} {result.float_bytes / 2**20:>8.2f}")
+        gather = [r for r in result.records if r.op == "GatherBlockQuantized"]
+        if gather:
+            shared = any(r.module == "lm_head" and r.grid and r.nbytes == 0 for r in result.records)
+            lines.append(f"embedding: GatherBlockQuantized {gather[0].container} block {gather[0].block_size}"
+                         + (", the tied lm_head's MatMulNBits reads the same codes and scales" if shared else ""))
         return ExportedArtifact(result.path, lines, result)
 
     def sweep_options(self, float_model: bool, max_seq_len: int, settings: dict):
@@ -99,8 +113,10 @@ class OnnxFormat(ExportFormat):
 
         rb = verify_onnx_readback(path, checkpoint, progress=None)
         return {"checked": rb["tensors"], "exact": rb["tensors"], "mismatches": [],
-                "note": f"{rb['matmulnbits']} MatMulNBits weights decoded by onnxruntime and {rb['float']} float "
-                        "initializers equal the checkpoint bit for bit",
+                "note": f"{rb['matmulnbits']} MatMulNBits weights"
+                        + (" and the GatherBlockQuantized embedding table" if rb["gather_block_quantized"] else "")
+                        + f" decoded by onnxruntime and {rb['float']} float initializers equal the checkpoint bit "
+                          "for bit",
                 "matmulnbits": rb["matmulnbits"]}
 
     def open_runner(self, path: Path, threads: int, n_ctx: int, for_speed: bool = False):
@@ -121,6 +137,9 @@ class OnnxFormat(ExportFormat):
         uncached = runner.generate(prompt, new_tokens, use_cache=False)
         return {"generation": {"prompt_tokens": len(prompt), "new_tokens": new_tokens, "cached": cached,
                                "uncached": uncached, "cached_equals_uncached": cached == uncached}}
+
+    def tokenizer_file(self, path: Path) -> Path | None:
+        return next((p for p in (path / "tokenizer.json", path / "tokenizer.model") if p.is_file()), None)
 
     def decode_bytes(self, path: Path, context: float):
         from runtime_tests.bandwidth import onnx_decode_bytes

@@ -101,15 +101,19 @@ class GraphWriter:
 # emits ``x @ W^T`` for the linear module ``name`` (bias added by the caller)
 LinearEmitter = Callable[[GraphWriter, ir.Value, str], ir.Value]
 TensorSource = Callable[[str], "np.ndarray | None"]  # HF tensor name -> float32 values, None if absent
+# emits the embedding lookup of ``input_ids`` from a quantized table, or None for a plain Gather on the float table
+EmbeddingEmitter = Callable[[GraphWriter, ir.Value], "ir.Value | None"]
 
 
 class DecoderGraph:
     """Builds the whole decoder: ``build()`` returns the onnx_ir Model."""
 
     def __init__(self, spec: ModelDescription, cos: np.ndarray, sin: np.ndarray, tensor: TensorSource,
-                 linear: LinearEmitter, progress: Callable | None = None):
+                 linear: LinearEmitter, progress: Callable | None = None,
+                 embedding: EmbeddingEmitter | None = None):
         self.spec, self.cos, self.sin = spec, cos, sin
         self.tensor, self.emit_linear = tensor, linear
+        self.emit_embedding = embedding or (lambda g, ids: None)
         self.progress = progress or (lambda it, **kw: it)
         self.g = GraphWriter()
 
@@ -188,8 +192,9 @@ class DecoderGraph:
         cos = g.constant(self.cos, "rotary/cos_cache")
         sin = g.constant(self.sin, "rotary/sin_cache")
         mask = self._mask(input_ids, attention_mask, pasts[0][0])
-        table = self._weight("model.embed_tokens.weight")
-        h = g.op("Gather", table, input_ids, axis=0, name="model.embed_tokens")
+        h = self.emit_embedding(g, input_ids)
+        if h is None:
+            h = g.op("Gather", self._weight("model.embed_tokens.weight"), input_ids, axis=0, name="model.embed_tokens")
         presents = []
         for layer in self.progress(range(s.n_layers), desc="onnx layers", unit="layer"):
             prefix = f"model.layers.{layer}"

@@ -45,6 +45,39 @@ def decode_matmulnbits(node: ir.Node) -> np.ndarray:
     return out
 
 
+def decode_gather_block_quantized(node: ir.Node, graph: ir.Graph) -> np.ndarray:
+    """The float32 table [vocab, K] a GatherBlockQuantized node looks rows up in, as onnxruntime computes it: the
+    node's data (an initializer, or the Reshape of one the exporter writes), scales and zero points in a one-node
+    model gathering every row in order (then the Slice that cuts a padded last block, if the graph has one)."""
+    import onnxruntime as ort
+
+    def const(value: ir.Value) -> np.ndarray:
+        if value.const_value is None and value.producer() is not None and value.producer().op_type == "Reshape":
+            shape = const(value.producer().inputs[1])
+            return const(value.producer().inputs[0]).reshape(shape)
+        if value.const_value is None:
+            raise ReadbackMismatch(f"{node.name}: input {value.name} is not a constant")
+        return value.const_value.numpy()
+
+    arrays = [const(v) for v in node.inputs[:1]] + [const(v) for v in node.inputs[2:] if v is not None]
+    attrs = [ir.AttrInt64(key, int(a.value)) for key, a in node.attributes.items()]
+    inits = [ir.Value(name=f"in{i}", const_value=ir.tensor(a, name=f"in{i}"), type=ir.TensorType(ir.tensor(a).dtype),
+                      shape=ir.Shape(a.shape)) for i, a in enumerate(arrays)]
+    ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["T"]))
+    y = ir.Value(name="Y", type=ir.TensorType(ir.DataType.FLOAT))
+    gather = ir.Node(MS_DOMAIN, "GatherBlockQuantized", [inits[0], ids, *inits[1:]], outputs=[y], attributes=attrs)
+    graph1 = ir.Graph([ids], [y], nodes=[gather], initializers=inits, opset_imports={"": OPSET, MS_DOMAIN: 1})
+    proto = ir.serde.serialize_model(ir.Model(graph1, ir_version=IR_VERSION))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    table = session.run(None, {"ids": np.arange(arrays[0].shape[0], dtype=np.int64)})[0]
+    consumer = next(iter(node.outputs[0].consumers()), None)
+    if consumer is not None and consumer.op_type == "Slice":
+        table = table[:, : int(const(consumer.inputs[2])[0])]
+    return table
+
+
 def _initializer_values(model: ir.Model) -> dict[str, np.ndarray]:
     """Float initializers as float32 (the fp16-stored ones widened: the graph casts them the same way)."""
     out = {}
@@ -56,10 +89,7 @@ def _initializer_values(model: ir.Model) -> dict[str, np.ndarray]:
 
 
 def _expected_floats(ckpt) -> dict[str, np.ndarray]:
-    out = {k: v.float().numpy() for k, v in ckpt.tensors.items() if v.is_floating_point()}
-    if EMBED in ckpt.quantized:  # the Gather table holds the dequantized embedding
-        out[EMBED] = ckpt.quantized[EMBED].dequantize().numpy()
-    return out
+    return {k: v.float().numpy() for k, v in ckpt.tensors.items() if v.is_floating_point()}
 
 
 def _first_difference(name: str, got: np.ndarray, want: np.ndarray) -> str:
@@ -89,6 +119,15 @@ def verify_onnx_readback(folder: str | os.PathLike, checkpoint, progress: bool |
             raise ReadbackMismatch(_first_difference(node.name, got, want))
         checked[EMBED if node.name == "lm_head" and "lm_head.weight" not in ckpt.quantized else
                 f"{node.name}.weight"] = "MatMulNBits"
+    gathers = [n for n in model.graph if n.op_type == "GatherBlockQuantized"]
+    for node in gathers:
+        q = ckpt.quantized.get(EMBED)
+        if q is None:
+            raise ReadbackMismatch(f"GatherBlockQuantized {node.name} has no quantized table in the checkpoint")
+        got, want = decode_gather_block_quantized(node, model.graph), q.dequantize().numpy()
+        if got.shape != want.shape or not np.array_equal(got, want):
+            raise ReadbackMismatch(_first_difference(node.name, got, want))
+        checked.setdefault(EMBED, "GatherBlockQuantized")
     for name, want in expected.items():
         if name not in floats:
             continue
@@ -98,5 +137,6 @@ def verify_onnx_readback(folder: str | os.PathLike, checkpoint, progress: bool |
     missing = (set(ckpt.quantized) | set(expected)) - set(checked) - ({"lm_head.weight"} if ckpt.tied else set())
     if missing:
         raise ReadbackMismatch(f"{folder} lacks tensors {sorted(missing)[:3]}")
-    n_quant = sum(1 for v in checked.values() if v == "MatMulNBits")
-    return {"tensors": len(checked), "matmulnbits": n_quant, "float": len(checked) - n_quant, "bit_exact": True}
+    n_float = sum(1 for v in checked.values() if v == "float")
+    return {"tensors": len(checked), "matmulnbits": len(nodes), "gather_block_quantized": len(gathers),
+            "float": n_float, "bit_exact": True}

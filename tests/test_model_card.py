@@ -242,7 +242,7 @@ def test_onnx_folder_rows_and_the_cards_snippet_runs(tmp_path, export_folder, mo
     root, info = export_folder
     out = tmp_path / "onnx-out"
     out.mkdir()
-    folder = O.export_onnx(info["checkpoint"], out / "tiny-onnx", O.OnnxOptions(progress=False)).path
+    folder = O.export_onnx(info["checkpoint"], out / "tiny-onnx", O.OnnxOptions(progress=False, accuracy_level=0, smallest=True)).path
     contents = MC.build_model_card(out, checkpoint=info["checkpoint"], license="mit")
     assert contents.library_name == "onnx" and "onnx" in contents.tags and "gguf" not in contents.tags
     rows = _table_rows(contents.text, "Files")

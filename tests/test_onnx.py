@@ -23,20 +23,23 @@ from paretoq_export.canonical.grids import GRIDS, grid_for_bits  # noqa: E402
 from runtime_tests.onnxruntime_runner import OnnxRuntimeRunner  # noqa: E402
 
 ALL_BITS = (1, 1.58, 2, 3, 4)
-# MatMulNBits container per grid: at level 0 every 2-bit grid takes a float zero point (onnxruntime's fast float
-# path); at level 4 ternary/binary take the default integer zero point (int8 kernels), 2-bit SEQ keeps 1.5
+# MatMulNBits container per grid, (accuracy level, smallest): by default the fastest exact one (integer zero points:
+# bits=2 for ternary/binary at level 4, bits=4 otherwise); --smallest puts 2-bit SEQ (and ternary/binary at level 0)
+# in bits=2 with a float zero point
 CONTAINER = {
-    0: {1: "int2-float-zp", 1.58: "int2-float-zp", 2: "int2-float-zp", 3: "int4", 4: "int4"},
-    4: {1: "int2", 1.58: "int2", 2: "int2-float-zp", 3: "int4", 4: "int4"},
+    (0, False): {1: "int4", 1.58: "int4", 2: "int4", 3: "int4", 4: "int4"},
+    (4, False): {1: "int2", 1.58: "int2", 2: "int4", 3: "int4", 4: "int4"},
+    (0, True): {1: "int2-float-zp", 1.58: "int2-float-zp", 2: "int2-float-zp", 3: "int4", 4: "int4"},
+    (4, True): {1: "int2", 1.58: "int2", 2: "int2-float-zp", 3: "int4", 4: "int4"},
 }
 
 
 # ------------------------------------------------------------------------------------------------ encodings
 @pytest.mark.parametrize("grid_name", sorted(GRIDS))
-@pytest.mark.parametrize("level,seq2_bits", [(0, 2), (4, 2), (4, 4)])
-def test_encoding_is_exact_algebra(grid_name, level, seq2_bits):
+@pytest.mark.parametrize("level,smallest", list(CONTAINER))
+def test_encoding_is_exact_algebra(grid_name, level, smallest):
     grid = GRIDS[grid_name]
-    enc = choose_encoding(grid, level, seq2_bits)
+    enc = choose_encoding(grid, level, smallest)
     q = np.arange(grid.n_codes)
     code = enc.mul * q + enc.add
     zp = enc.zero_point if enc.zero_point is not None else 2 ** (enc.bits - 1)
@@ -45,11 +48,13 @@ def test_encoding_is_exact_algebra(grid_name, level, seq2_bits):
 
 
 def test_encoding_table():
-    for level, table in CONTAINER.items():
+    for (level, smallest), table in CONTAINER.items():
         for bits, kind in table.items():
-            assert choose_encoding(grid_for_bits(bits), level).kind == kind
-    seq2_int4 = choose_encoding(GRIDS["seq2"], 4, seq2_bits=4)
+            enc = choose_encoding(grid_for_bits(bits), level, smallest)
+            assert enc.kind == kind and enc.why  # the export log says why
+    seq2_int4 = choose_encoding(GRIDS["seq2"], 4)
     assert (seq2_int4.bits, seq2_int4.mul, seq2_int4.add, seq2_int4.zero_point) == (4, 2, 5, None)
+    assert "--smallest" in seq2_int4.why and "float zero point" in choose_encoding(GRIDS["seq2"], 4, True).why
     assert choose_encoding(GRIDS["lsq8"], 0).kind == "int8"
     with pytest.raises(NBitsError, match="accuracy level 2"):
         choose_encoding(GRIDS["lsq4"], 2)
@@ -61,22 +66,31 @@ def test_block_size_choice():
     assert choose_block_size(1536, max_block=32) == 32
     with pytest.raises(NBitsError, match="power of two"):
         choose_block_size(576, max_block=48)
+    # per-group steps: a block lies inside one group
+    assert [choose_block_size(576, 128, g) for g in (32, 64, 192, 288)] == [32, 64, 64, 32]
+    assert choose_block_size(1024, 128, 256) == 128
+    with pytest.raises(NBitsError, match=r"group size 24 cannot be held by MatMulNBits.*multiple of 16"):
+        choose_block_size(576, 128, 24)
 
 
 @pytest.mark.parametrize("grid_name", sorted(GRIDS))
-@pytest.mark.parametrize("level", [0, 4])
-def test_matmulnbits_decodes_exactly_in_onnxruntime(grid_name, level):
-    """Random codes and fp16 steps (extremes, zero and tiny steps included), K not a multiple of the block."""
+@pytest.mark.parametrize("level,smallest", list(CONTAINER))
+@pytest.mark.parametrize("group", [None, 32, 64, 128, 256])
+def test_matmulnbits_decodes_exactly_in_onnxruntime(grid_name, level, smallest, group):
+    """Random codes and fp16 steps (extremes, zero and tiny steps included), per row (K not a multiple of the
+    block) or per group of G columns (block = G up to the 128 cap, G = 256 as two blocks of one step)."""
     grid = GRIDS[grid_name]
     rng = np.random.default_rng(7)
-    n, k = 9, 200
+    n, k = 9, (200 if group is None else 512)
     codes = rng.integers(0, grid.n_codes, (n, k)).astype(np.uint8)
     codes[1], codes[2] = grid.n_codes - 1, 0
-    step = np.exp(rng.normal(-3, 1.5, n)).astype(np.float16)
+    step = np.exp(rng.normal(-3, 1.5, n if group is None else (n, k // group))).astype(np.float16)
     step[0], step[3] = 0, np.float16(2.0**-24)  # zero row; smallest subnormal (s/2 exact only in float32)
-    w = encode_weight(codes, step, grid, choose_encoding(grid, level, seq2_bits=4 if level == 4 else 2))
+    w = encode_weight(codes, step, grid, choose_encoding(grid, level, smallest))
+    assert w.block_size == (128 if group is None else min(group, 128))
     node = _one_node(w)
-    want = step.astype(np.float32)[:, None] * (codes.astype(np.float32) - np.float32(grid.zero))
+    steps = step.astype(np.float32)[:, None] if group is None else np.repeat(step.astype(np.float32), group, 1)
+    want = steps * (codes.astype(np.float32) - np.float32(grid.zero))
     assert np.array_equal(decode_matmulnbits(node), want)
 
 
@@ -114,9 +128,9 @@ def _export(ckpt, path, **options):
 @pytest.mark.parametrize("arch,bits", [(a, b) for a in ("llama", "qwen2") for b in ALL_BITS] + [("qwen3", 2)])
 def test_tiny_level0_exact_and_matches_reference(tmp_path, arch, bits, capsys):
     ckpt = tiny_checkpoint(arch, bits)
-    result = _export(ckpt, tmp_path / "m")
+    result = _export(ckpt, tmp_path / "m", accuracy_level=0)
     kinds = {r.module: r.container for r in result.records if r.grid is not None}
-    assert len(kinds) == 7 * 2 and set(kinds.values()) == {CONTAINER[0][bits]}
+    assert len(kinds) == 7 * 2 and set(kinds.values()) == {CONTAINER[0, False][bits]}
     report = validate_artifact(result.path, ckpt, _ids())
     assert _bit_exact(report["readback"]) and report["readback"]["matmulnbits"] == 14
     m = report["metrics"]
@@ -130,10 +144,11 @@ def test_tiny_level0_exact_and_matches_reference(tmp_path, arch, bits, capsys):
 
 
 @pytest.mark.parametrize("arch,bits", [(a, b) for a in ("llama", "qwen2") for b in ALL_BITS])
-def test_tiny_level4_reported(tmp_path, arch, bits, capsys):
+def test_tiny_default_level4_reported(tmp_path, arch, bits, capsys):
+    """The default export: the fastest exact container at accuracy_level 4 (int8 activations), within thresholds."""
     ckpt = tiny_checkpoint(arch, bits)
-    result = _export(ckpt, tmp_path / "m", accuracy_level=4)
-    assert {r.container for r in result.records if r.grid is not None} == {CONTAINER[4][bits]}
+    result = _export(ckpt, tmp_path / "m")
+    assert {r.container for r in result.records if r.grid is not None} == {CONTAINER[4, False][bits]}
     report = validate_artifact(result.path, ckpt, _ids())
     m = report["metrics"]
     with capsys.disabled():
@@ -142,27 +157,28 @@ def test_tiny_level4_reported(tmp_path, arch, bits, capsys):
               f"PPL ratio {m['ppl_ratio']:.5f}")
     assert _bit_exact(report["readback"]) and report["runtime"]["accuracy_level"] == 4
     assert m["kl_mean"] < 1e-3 and m["top1_clear_margin"] >= 0.97 and abs(m["ppl_ratio"] - 1) < 0.01, m
-    if CONTAINER[4][bits] == "int2-float-zp":  # float zero points keep onnxruntime on its float path
-        assert m["max_rel_diff"] < 1e-5
-    else:  # int8 activations: close, but measurably not the float result
-        assert m["max_rel_diff"] > 1e-5
+    assert m["max_rel_diff"] > 1e-5  # int8 activations: close, but measurably not the float result
     assert report["checks"]["generation"]["cached_equals_uncached"]
 
 
-def test_seq2_bits4_and_padded_block(tmp_path):
-    """2-bit SEQ as bits=4 (codes 2q+5, step s/2) runs the int8 kernels at level 4; intermediate 200 has no
-    power-of-two block dividing it, so down_proj's last block is padded."""
+def test_smallest_and_padded_block(tmp_path, caplog):
+    """--smallest keeps 2-bit SEQ in bits=2 with the float zero point 1.5 (fewer bytes; onnxruntime's float path,
+    so the float activations survive even at level 4); the default bits=4 is larger and says why in the log.
+    Intermediate 200 has no power-of-two block dividing it, so down_proj's last block is padded."""
+    import logging
+
     ckpt = tiny_checkpoint("llama", 2, intermediate=200)
-    result = _export(ckpt, tmp_path / "m", accuracy_level=4, seq2_bits=4)
-    records = {r.module: r for r in result.records}
-    down = records["model.layers.0.mlp.down_proj"]
+    with caplog.at_level(logging.INFO, logger="formats.onnx"):
+        fast = _export(ckpt, tmp_path / "m")
+    assert "int4: bits=4 with integer zero point (codes 2q+5, step s/2)" in caplog.text and "--smallest" in caplog.text
+    down = {r.module: r for r in fast.records}["model.layers.0.mlp.down_proj"]
     assert down.block_size == 128 and down.container == "int4"
-    report = validate_artifact(result.path, ckpt, _ids())
-    assert _bit_exact(report["readback"])
-    assert 1e-5 < report["metrics"]["max_rel_diff"] < 0.05
-    exact = _export(ckpt, tmp_path / "m0", seq2_bits=4)
-    assert validate_artifact(exact.path, ckpt, _ids())["metrics"]["max_rel_diff"] < 1e-5
-    assert result.nbytes > _export(ckpt, tmp_path / "m2").nbytes  # bits=4 is the larger container
+    small = _export(ckpt, tmp_path / "s", smallest=True)
+    assert {r.container for r in small.records if r.grid} == {"int2-float-zp"} and small.nbytes < fast.nbytes
+    for result in (fast, small):
+        report = validate_artifact(result.path, ckpt, _ids())
+        assert _bit_exact(report["readback"])
+    assert report["metrics"]["max_rel_diff"] < 1e-5  # float zero point: float kernel whatever the level
 
 
 def test_untied_float_checkpoint(tmp_path):
@@ -180,23 +196,45 @@ def test_untied_float_checkpoint(tmp_path):
     assert "lm_head.weight" in names and "model.embed_tokens.weight" in names
 
 
-def test_quantized_embedding_and_external_data(tmp_path):
-    """An 8-bit tied embedding: the Gather table holds its dequantized values, lm_head is a bits=8 MatMulNBits from
-    the same codes; tensors in model.onnx.data load and read back the same."""
+@pytest.mark.parametrize("embedding_bits,hidden", [(8, 256), (4, 200)])
+def test_quantized_embedding_and_external_data(tmp_path, embedding_bits, hidden):
+    """A quantized tied embedding: the lookup is a GatherBlockQuantized over the very initializers (codes and
+    scales) the bits=4/8 lm_head MatMulNBits reads, so the table is stored once; both decode to the checkpoint bit
+    for bit (hidden 200: the padded last block is sliced off); tensors in model.onnx.data load the same."""
     from qat.checkpoint_io import QATCheckpoint
     from qat.prepare import QATConfig, prepare
     from tiny_models import tiny_model, tiny_tokenizer
 
-    model = prepare(tiny_model("llama"), QATConfig(bits=1.58, embedding_bits=8))
+    model = prepare(tiny_model("llama", hidden=hidden), QATConfig(bits=1.58, embedding_bits=embedding_bits))
     ckpt = QATCheckpoint.from_qat_model(model, tiny_tokenizer())
     assert ckpt.tied and O.EMBED in ckpt.quantized
-    result = _export(ckpt, tmp_path / "m", external_data=True)
-    assert (result.path / "model.onnx.data").is_file()
+    external = embedding_bits == 8
+    result = _export(ckpt, tmp_path / "m", external_data=external, accuracy_level=0)
+    assert (result.path / "model.onnx.data").is_file() == external
     records = {r.module: r for r in result.records}
-    assert records["lm_head"].container == "int8" and records["lm_head"].grid == "lsq8"
+    head, table = records["lm_head"], records["model.embed_tokens"]
+    assert head.container == table.container == f"int{embedding_bits}" and head.grid == f"lsq{embedding_bits}"
+    assert table.op == "GatherBlockQuantized" and head.nbytes == 0 and table.nbytes > 0  # one copy, counted once
+    graph = onnx.load(result.model_path, load_external_data=False).graph
+    gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    head_node = next(n for n in graph.node if n.name == "lm_head")
+    assert head_node.input[2] == gather.input[2]  # the same scales initializer
+    assert not any(i.name == O.EMBED for i in graph.initializer)  # no float table
     report = validate_artifact(result.path, ckpt, _ids())
     assert _bit_exact(report["readback"]) and report["readback"]["matmulnbits"] == 15
+    assert "GatherBlockQuantized" in report["readback"]["note"]
     assert report["metrics"]["max_rel_diff"] < 1e-5
+    if external:
+        return
+    # a flipped code in the shared table fails the read-back of the lookup or of the head
+    m = ir.load(result.model_path)
+    value = m.graph.initializers["model.embed_tokens.qweight"]
+    packed = value.const_value.numpy().copy()
+    packed[5, 0, 0] ^= 1
+    value.const_value = ir.tensor(packed, name=value.name)
+    ir.save(m, result.model_path)
+    with pytest.raises(ReadbackMismatch, match=r"(lm_head|model\.embed_tokens) differs .* at \(5, 0\)"):
+        verify_onnx_readback(result.path, ckpt)
 
 
 def test_graph_interface_and_folder(tmp_path):
@@ -235,7 +273,7 @@ def test_batch_with_padding_and_incremental_decode(tmp_path):
     """A left-padded row in a batch gives the same logits as the sequence alone; prefill + one-token steps with the
     cache give the full-sequence logits."""
     ckpt = tiny_checkpoint("llama", 3)
-    runner = OnnxRuntimeRunner(_export(ckpt, tmp_path / "m").path)
+    runner = OnnxRuntimeRunner(_export(ckpt, tmp_path / "m", accuracy_level=0).path)  # float activations
     ids = _ids(24)
     full = runner.logits(ids)
     pad = 5
@@ -298,18 +336,17 @@ def test_errors_are_clear_and_leave_no_folder(tmp_path, monkeypatch):
     _export(ckpt, tmp_path / "a")
     with pytest.raises(O.OnnxExportError, match="exists and is not empty.*--overwrite"):
         _export(ckpt, tmp_path / "a")
-    _export(ckpt, tmp_path / "a", overwrite=True, accuracy_level=4)
+    _export(ckpt, tmp_path / "a", overwrite=True, accuracy_level=0)
     assert _no_leftovers(tmp_path) == ["a"]
     meta = {p.key: p.value for p in onnx.load(tmp_path / "a" / "model.onnx").metadata_props}
-    assert meta["paretoq.accuracy_level"] == "4"
+    assert meta["paretoq.accuracy_level"] == "0"
 
 
 def test_cli_default_folder_and_errors(tmp_path, capsys):
     from paretoq_export import cli
 
     ckpt_dir = tiny_checkpoint("qwen2", 1.58).save(tmp_path / "ckpt")
-    assert cli.main(["export", "onnx", str(ckpt_dir), "--accuracy-level", "4", "--text", __file__,
-                     "--validate-tokens", "96"]) == 0
+    assert cli.main(["export", "onnx", str(ckpt_dir), "--text", __file__, "--validate-tokens", "96"]) == 0
     out = capsys.readouterr().out
     folder = tmp_path / "model-ParetoQ-1.58bit-onnx-acc4"
     assert (folder / "validation.json").is_file() and (folder / "model.onnx").is_file()
@@ -335,7 +372,7 @@ def test_smollm2_2bit(tmp_path):
                                               recipe={"method": "rtn", "base_model": source.base_model})
     ids = np.asarray(ckpt.load_tokenizer()(validation_text())["input_ids"][:512])
     ref = reference_logits(ckpt, ids)
-    result = _export(ckpt, tmp_path / "acc0")
+    result = _export(ckpt, tmp_path / "acc0", accuracy_level=0, smallest=True)
     assert result.model_path.parent.name == "acc0" and result.nbytes < 100 * 2**20
     assert {r.block_size for r in result.records if r.grid} == {64, 128}  # 576 -> 64, 1536 -> 128
     report = validate_artifact(result.path, ckpt, ids, reference=ref)
@@ -344,10 +381,10 @@ def test_smollm2_2bit(tmp_path):
     assert _bit_exact(report["readback"]) and report["readback"]["matmulnbits"] == 210
     assert abs(m["ppl_ratio"] - 1) < 0.01 and m["max_rel_diff"] < 1e-4, m
     assert report["checks"]["generation"]["cached_equals_uncached"]
-    level4 = _export(ckpt, tmp_path / "acc4", accuracy_level=4, seq2_bits=4)
+    level4 = _export(ckpt, tmp_path / "acc4")
     runner = OnnxRuntimeRunner(level4.path)
     from runtime_tests.metrics import compare_logits
 
     m4 = compare_logits(ref[:-1], runner.logits(ids)[:-1], ids[1:])
-    print(f"SmolLM2 2-bit level 4 (--seq2-bits 4): {level4.nbytes / 2**20:.1f} MiB; {json.dumps(m4)}")
+    print(f"SmolLM2 2-bit default (level 4, bits=4): {level4.nbytes / 2**20:.1f} MiB; {json.dumps(m4)}")
     assert np.isfinite(m4["ppl_test"])

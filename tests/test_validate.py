@@ -45,7 +45,7 @@ def onnx_folder(tmp_path_factory):
     pytest.importorskip("onnxruntime")
     from formats.onnx import OnnxOptions, export_onnx
 
-    return export_onnx(tiny_checkpoint(), tmp_path_factory.mktemp("onnx") / "m", OnnxOptions(progress=False)).path
+    return export_onnx(tiny_checkpoint(), tmp_path_factory.mktemp("onnx") / "m", OnnxOptions(progress=False, accuracy_level=0, smallest=True)).path
 
 
 def _validate(capsys, *argv) -> tuple[int, str, str]:

@@ -154,7 +154,7 @@ def test_onnxruntime_scores_equal_torch(tmp_path):
     from runtime_tests.onnxruntime_runner import OnnxRuntimeRunner
 
     ckpt = tiny_checkpoint()
-    folder = export_onnx(ckpt, tmp_path / "m", OnnxOptions(progress=False)).path
+    folder = export_onnx(ckpt, tmp_path / "m", OnnxOptions(progress=False, accuracy_level=0)).path
     runner = OnnxRuntimeRunner(folder, n_threads=1)
     tok = tokenizer()
     requests = _mixed_requests(tok)
