@@ -8,7 +8,9 @@ gguf_readback (read-back and validation), gguf_format (the format as the command
 
 Quantized weights are encoded by formats.gguf_blocks from the integer codes and fp16 steps (DESIGN.md section 3),
 never re-quantized from floats. A tensor whose columns do not fit the preferred block falls back to the smallest
-exact container (Q4_0 for 576-wide rows), recorded in the log and in ``paretoq.fallbacks``.
+exact container (Q4_0 for 576-wide rows), recorded in the log and in ``paretoq.fallbacks``. Group-wise steps
+(QuantizedTensor.group_size G) go where a block holds one step: Q4_0 / Q8_0 for any G (the group's step in each
+of its 32-blocks), the 256-block types (TQ1_0, TQ2_0, Q2_K, Q3_K) for G = 256; finer groups fall back to Q4_0.
 """
 
 from __future__ import annotations
@@ -163,7 +165,7 @@ def _encode_tensor(ckpt, hf_name, gguf_name, model: ModelDescription, permute, o
             if choice.ggml_type in (T.F32, T.F16):  # the writer takes float arrays for float types
                 data = data.view(np.float32 if choice.ggml_type == T.F32 else np.float16)
         rec = TensorRecord(hf_name, gguf_name, choice.ggml_type.name, tuple(codes.shape), data.nbytes, q.grid.name,
-                           q.grid.bits, choice.reason, choice.fallback, choice.lossy)
+                           q.grid.bits, choice.reason, choice.fallback, choice.lossy, q.group_size)
         return rec, data, choice.ggml_type
     tensor = ckpt.tensors[hf_name]
     values = tensor.float().numpy()

@@ -1,9 +1,12 @@
-"""Exact ggml block encoders: integer codes + fp16 per-row steps -> raw GGUF block bytes.
+"""Exact ggml block encoders: integer codes + fp16 steps (per row, or per group of G columns) -> raw GGUF blocks.
 
 One small class per ggml type, vectorised numpy, registered by type (the shape of gguf-py's ``quants.py``).
-Unlike gguf-py's quantizers, nothing here re-derives a scale from float weights: every block scale is the row's
-checkpoint step s (or s/2 for grids with a half-integer zero), and every stored integer is a checkpoint code
-shifted by a constant, so ``gguf.quants.dequantize`` of the bytes reproduces ``s * (q - z)`` in float32 bit for bit.
+Unlike gguf-py's quantizers, nothing here re-derives a scale from float weights: every block scale is the
+checkpoint step s of the row or group the block lies in (or s/2 for grids with a half-integer zero), and every
+stored integer is a checkpoint code shifted by a constant, so ``gguf.quants.dequantize`` of the bytes reproduces
+``s * (q - z)`` in float32 bit for bit. A block holds one step: per-row steps and groups of a multiple of the block
+repeat it in every block (Q4_0 holds G = 32, 64, 128, 256); groups smaller than the block fit only where the
+block's groups happen to share one step (checked, never assumed).
 
 Block layouts follow ggml-common.h / gguf-py quants.py (vendored llama.cpp of llama-cpp-python 0.3.36):
 
@@ -40,6 +43,27 @@ def scaled_step(step: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray
     return d, d.astype(np.float32) == want
 
 
+def block_steps(step: np.ndarray, cols: int, block_size: int) -> tuple[np.ndarray, str | None]:
+    """The one fp16 step of every block [rows, cols // block_size] from steps per row [rows] or per group
+    [rows, cols // G], and None; or a reason when some block spans groups with different steps."""
+    step = np.asarray(step, dtype=np.float16)
+    if step.ndim == 1:
+        step = step.reshape(-1, 1)
+    rows, n_groups = step.shape
+    nb = cols // block_size
+    group = cols // n_groups
+    if group % block_size == 0:
+        return np.repeat(step, group // block_size, axis=1), None
+    per_block = step.reshape(rows, nb, block_size // group)  # block_size is a multiple of the (power-of-two) group
+    same = (per_block == per_block[:, :, :1]).all(axis=2)
+    if not same.all():
+        r, b = np.argwhere(~same)[0]
+        return per_block[:, :, 0], (f"group size {group} has no exact {block_size}-block container (block {b} of row "
+                                    f"{r} spans steps that differ): use group size {block_size}, or Q4_0 / Q8_0 "
+                                    "(one step per 32)")
+    return per_block[:, :, 0], None
+
+
 ENCODERS: dict[GGMLQuantizationType, "BlockEncoder"] = {}  # filled as each encoder class is defined
 
 
@@ -69,21 +93,24 @@ class BlockEncoder:
             return f"{codes.shape[-1]} columns are not a multiple of the {self.name} block ({self.block_size})"
         if not self.holds(grid):
             return f"{self.name} cannot represent the {grid.name} grid's levels"
-        return self._why_not_exact_steps(step, grid)
+        steps, reason = block_steps(step, codes.shape[-1], self.block_size)
+        return reason or self._why_not_exact_steps(steps.reshape(-1), grid)
 
     def _why_not_exact_steps(self, step: np.ndarray, grid: Grid) -> str | None:
+        """``step``: one fp16 step per block, flat."""
         return None
 
     def encode(self, codes: np.ndarray, step: np.ndarray, grid: Grid) -> np.ndarray:
-        """uint8 codes [rows, cols] + fp16 steps [rows] -> uint8 [rows, cols // block_size * type_size]."""
+        """uint8 codes [rows, cols] + fp16 steps [rows] or [rows, cols // G] -> uint8 [rows, cols // block_size *
+        type_size]."""
         codes = np.ascontiguousarray(codes, dtype=np.uint8)
-        step = np.asarray(step, dtype=np.float16).reshape(-1)
         reason = self.why_not_exact(codes, step, grid)
         if reason is not None:
             raise NotExactError(reason)
         rows, cols = codes.shape
         nb = cols // self.block_size
-        blocks = self._encode_blocks(codes.reshape(rows * nb, self.block_size), np.repeat(step, nb), grid)
+        steps, _ = block_steps(step, cols, self.block_size)
+        blocks = self._encode_blocks(codes.reshape(rows * nb, self.block_size), steps.reshape(-1), grid)
         assert blocks.shape == (rows * nb, self.type_size) and blocks.dtype == np.uint8
         return blocks.reshape(rows, nb * self.type_size)
 
@@ -106,8 +133,8 @@ class _SymmetricEncoder(BlockEncoder):
             return None  # d = s, already fp16
         _, exact = scaled_step(step, 0.5)
         if not exact.all():
-            row = int(np.flatnonzero(~exact)[0])
-            return f"step/2 of row {row} ({float(step[row])!r}) is not an exact fp16 (subnormal)"
+            block = int(np.flatnonzero(~exact)[0])
+            return f"step/2 of block {block} ({float(step[block])!r}) is not an exact fp16 (subnormal)"
         return None
 
     def _encode_blocks(self, codes: np.ndarray, step: np.ndarray, grid: Grid) -> np.ndarray:
@@ -203,8 +230,8 @@ class Q2_K(BlockEncoder, ggml_type=GGMLQuantizationType.Q2_K):
         factor, _ = self._mins(grid)
         _, exact = scaled_step(step, factor)
         if not exact.all():
-            row = int(np.flatnonzero(~exact)[0])
-            return f"step*{factor} of row {row} ({float(step[row])!r}) is not an exact fp16 (subnormal)"
+            block = int(np.flatnonzero(~exact)[0])
+            return f"step*{factor} of block {block} ({float(step[block])!r}) is not an exact fp16 (subnormal)"
         return None
 
     def _encode_blocks(self, codes, step, grid):
@@ -248,8 +275,10 @@ class F16(_FloatEncoder, ggml_type=GGMLQuantizationType.F16):
 
 
 def dequantize_codes(codes: np.ndarray, step: np.ndarray, grid: Grid) -> np.ndarray:
-    """The canonical w = s * (q - z) in float32, in numpy (same arithmetic as qat.quantizers.dequantize_codes)."""
-    s = np.asarray(step, dtype=np.float16).astype(np.float32).reshape(-1, 1)
+    """The canonical w = s * (q - z) in float32, in numpy (same arithmetic as the checkpoint's dequantize_codes),
+    steps per row [rows] or per group [rows, cols // G]."""
+    s = np.asarray(step, dtype=np.float16).astype(np.float32)
+    s = s.reshape(-1, 1) if s.ndim == 1 else np.repeat(s, codes.shape[-1] // s.shape[1], axis=1)
     return s * (codes.astype(np.float32) - np.float32(grid.zero))
 
 

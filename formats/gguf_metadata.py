@@ -185,12 +185,14 @@ def add_metadata(writer, ckpt, model: ModelDescription, options, records, file_t
     # paretoq.* : what each tensor holds and how it was made
     writer.add_string("paretoq.version", PARETOQ_VERSION)
     writer.add_string("paretoq.recipe", json.dumps(ckpt.recipe, sort_keys=True, default=str))
-    writer.add_string("paretoq.canonical_form", "w = s * (q - z), s fp16 per output row, evaluated in float32")
+    writer.add_string("paretoq.canonical_form", "w = s * (q - z), s fp16 per output row or per group of "
+                      "paretoq.tensor_group_sizes columns, evaluated in float32")
     quant = [r for r in records if r.grid is not None]
     writer.add_array("paretoq.quantized_tensors", [r.gguf_name for r in quant] or [""])
     writer.add_array("paretoq.tensor_bits", [float(r.bits) for r in quant] or [0.0])
     writer.add_array("paretoq.tensor_grids", [r.grid for r in quant] or [""])
     writer.add_array("paretoq.tensor_types", [r.ggml_type for r in quant] or [""])
+    writer.add_array("paretoq.tensor_group_sizes", [int(r.group_size or r.shape[-1]) for r in quant] or [0])
     writer.add_array("paretoq.fallbacks", [f"{r.gguf_name}: {r.reason}" for r in records if r.fallback] or [""])
     writer.add_array("paretoq.lossy_tensors", [r.gguf_name for r in records if r.lossy] or [""])
     writer.add_bool("paretoq.exact", not any(r.lossy for r in records))

@@ -57,6 +57,7 @@ class TensorRecord:
     reason: str
     fallback: bool = False
     lossy: bool = False
+    group_size: int | None = None  # columns per checkpoint step (the row length for per-row steps)
 
 
 class TypeChoice(NamedTuple):

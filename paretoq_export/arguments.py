@@ -35,6 +35,13 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding-bits", default=None, help="also quantize the input embeddings (4 or 8)")
     parser.add_argument("--lm-head-bits", default=None,
                         help="also quantize lm_head (4 or 8; tied models: same as embeddings)")
+    parser.add_argument("--group-size", default=None,
+                        help="one step per G consecutive weights of a row (32, 64, 128, 256) instead of one per row "
+                             "(ParetoQ's setting); --bits 4 --group-size 32 is llama.cpp's Q4_0 layout")
+    parser.add_argument("--target", default=None, choices=("gguf", "onnx", "executorch"),
+                        help="per module, the grid and group size that runtime stores compactly: e.g. gguf trains "
+                             "rows that only Q4_0 holds (not a multiple of 256) as 4-bit with a step per 32, and "
+                             "prints the bits per weight stored")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -60,7 +67,8 @@ def qat_config(args: argparse.Namespace):
     from qat.prepare import QATConfig, parse_overrides
 
     return QATConfig(bits=args.bits, overrides=parse_overrides(args.override),
-                     embedding_bits=args.embedding_bits, lm_head_bits=args.lm_head_bits)
+                     embedding_bits=args.embedding_bits, lm_head_bits=args.lm_head_bits,
+                     group_size=getattr(args, "group_size", None), target=getattr(args, "target", None))
 
 
 def data_config(args: argparse.Namespace):

@@ -77,6 +77,8 @@ class QATCheckpoint(QuantizedCheckpoint):
         qat_config = getattr(model, "_paretoq_config", None)
         if qat_config is not None:
             full_recipe.setdefault("qat_config", qat_config.to_json())
+        if getattr(model, "_paretoq_stored_bits", None) is not None:  # --target: the bits per weight it stores
+            full_recipe.setdefault("stored_bits", model._paretoq_stored_bits)
         full_recipe.setdefault("float_dtype", float_dtype)
         return cls(config, quantized, tensors, saved_tokenizer_files(tokenizer), full_recipe)
 

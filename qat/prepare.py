@@ -10,6 +10,7 @@ from torch import nn
 from qat.grids import EMBEDDING_BITS, WEIGHT_BITS, format_bits, parse_bits
 from qat.modules import QUANT_MODULES, QuantEmbedding, QuantLinear, check_group_size
 from qat.quantizers import ALPHA_INITS
+from qat.targets import TARGETS, Placement, format_stored_bits, plan_module, stored_bits
 
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -31,8 +32,15 @@ class QATConfig:
     alpha_init: str = "paper"  # "paper": max/mean-based as the reference; "mse": per-row least-squares search
     group_size: int | None = None
     group_overrides: dict[str, int | None] = field(default_factory=dict)
+    # "gguf" | "onnx" | "executorch": per module, the grid and group size that runtime stores compactly
+    # (qat.targets.plan_module), from the bits asked for; None: bits and group sizes exactly as given
+    target: str | None = None
 
     def __post_init__(self) -> None:
+        if self.target is not None and self.target not in TARGETS:
+            raise ValueError(f"unknown target {self.target!r}: choose from {', '.join(TARGETS)}")
+        if self.target is not None and (self.group_size is not None or self.group_overrides):
+            raise ValueError(f"--target {self.target} chooses the group sizes: drop --group-size, or drop --target")
         self.group_size = _check_group(self.group_size, "group size")
         self.group_overrides = {k: _check_group(v, f"group size of {k}") for k, v in self.group_overrides.items()}
         if self.alpha_init not in ALPHA_INITS:
@@ -60,6 +68,7 @@ class QATConfig:
             "alpha_init": self.alpha_init,
             "group_size": self.group_size,
             "group_overrides": dict(self.group_overrides),
+            "target": self.target,
         }
 
 
@@ -139,25 +148,45 @@ def prepare(model: nn.Module, config: QATConfig) -> nn.Module:
     names = {id(m): n for n, m in model.named_modules()}
     emb_name = names.get(id(model.get_input_embeddings()), "embed_tokens")
     head_name = emb_name if tied else names.get(id(model.get_output_embeddings()), "lm_head")
-    # every row length checked before any module is replaced: a bad group size costs nothing
-    for name in targets + [emb_name] * (emb_bits is not None) + [head_name] * (head_bits is not None):
-        check_group_size(config.group_size_for(name), model.get_submodule(name).weight.shape[1], name)
-
+    # every module's grid and group size decided, and every row length checked, before any module is replaced
+    wanted = {name: (config.bits_for(name), False) for name in targets}
+    if emb_bits is not None:
+        wanted[emb_name] = (emb_bits, True)
+    if head_bits is not None and not tied:
+        wanted[head_name] = (head_bits, True)
+    plan: dict[str, Placement] = {}
+    for name, (bits, table) in wanted.items():
+        cols = model.get_submodule(name).weight.shape[1]
+        if config.target is not None:
+            plan[name] = plan_module(config.target, cols, bits, embedding=table)
+        else:
+            plan[name] = Placement(bits, config.group_size_for(name), "as given", float(bits))
+        check_group_size(plan[name].group_size, cols, name)
     for name in targets:
-        _set_submodule(model, name, QuantLinear.from_linear(model.get_submodule(name), config.bits_for(name),
-                                                          config.alpha_init, config.group_size_for(name)))
+        _set_submodule(model, name, QuantLinear.from_linear(model.get_submodule(name), plan[name].bits,
+                                                          config.alpha_init, plan[name].group_size))
     if emb_bits is not None:
         emb = model.get_input_embeddings()
-        qemb = QuantEmbedding.from_embedding(emb, emb_bits, config.alpha_init, config.group_size_for(emb_name))
+        qemb = QuantEmbedding.from_embedding(emb, plan[emb_name].bits, config.alpha_init, plan[emb_name].group_size)
         model.set_input_embeddings(qemb)
     if head_bits is not None:
         head = model.get_output_embeddings()
-        qhead = QuantLinear.from_linear(head, head_bits, config.alpha_init, config.group_size_for(head_name))
+        p = plan[emb_name if tied else head_name]
+        qhead = QuantLinear.from_linear(head, p.bits, config.alpha_init, p.group_size)
         if tied:
             qhead.alpha = model.get_input_embeddings().alpha  # one table, one set of steps
         model.set_output_embeddings(qhead)
     model._paretoq_config = config  # read by the checkpoint to record the recipe
+    if config.target is not None:
+        entries = [(n, *model.get_submodule(n).weight.shape, p) for n, p in plan.items()]
+        model._paretoq_stored_bits = {"target": config.target, **stored_bits(entries)}
     return model
+
+
+def stored_bits_summary(model: nn.Module) -> str | None:
+    """The CLI's lines on the bits per weight a --target model stores (None without a target)."""
+    report = getattr(model, "_paretoq_stored_bits", None)
+    return None if report is None else format_stored_bits(report, report["target"])
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -117,3 +117,121 @@ def test_group_sizes_that_do_not_fit_the_codes_are_refused():
         QuantizedTensor(codes, torch.ones(4, 5, dtype=torch.float16), grid_for_bits(2))
     one_group = QuantizedTensor(codes, torch.ones(4, 1, dtype=torch.float16), grid_for_bits(2))
     assert one_group.scale.shape == (4,) and one_group.per_row  # one spelling per layout
+
+
+# ------------------------------------------------------------------------------------------------ GGUF
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("llama_cpp")
+
+from formats import gguf as G  # noqa: E402
+from formats.gguf_readback import verify_gguf_readback  # noqa: E402
+from formats.validation import validate_artifact  # noqa: E402
+from qat.targets import checkpoint_stored_bits, plan_module  # noqa: E402
+from tiny_models import save_tiny_model_dir, tiny_tokenizer  # noqa: E402
+
+BLOCK_256 = {1: "TQ2_0", 1.58: "TQ2_0", 2: "Q2_K", 3: "Q3_K"}
+
+
+def _grouped_checkpoint(bits, group, embedding_bits=8, **model_kw):
+    model = _moved_alphas(prepare(tiny_model("llama", **model_kw),
+                                  QATConfig(bits=bits, group_size=group, embedding_bits=embedding_bits)))
+    return QATCheckpoint.from_qat_model(model, tiny_tokenizer(), recipe={"method": "rtn"})
+
+
+def _ids(n: int = 128) -> list[int]:
+    return torch.randint(3, 320, (n,), generator=torch.Generator().manual_seed(1)).tolist()
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("group", GROUPS)
+def test_gguf_places_groups_exactly(tmp_path, bits, group):
+    ckpt = _grouped_checkpoint(bits, group)
+    result = G.export_gguf(ckpt, tmp_path / "m.gguf", G.GGUFOptions(progress=False))
+    types = {r.gguf_name: r.ggml_type for r in result.records if r.grid is not None}
+    want = BLOCK_256[bits] if group == 256 and bits < 4 else "Q4_0"  # one step per block: 256-blocks hold G=256
+    assert types.pop("token_embd.weight") == "Q8_0" and set(types.values()) == {want}
+    assert bool(result.fallbacks) == (want == "Q4_0" and bits < 4)  # finer groups: the 32-block container
+    assert verify_gguf_readback(result.path, ckpt)["bit_exact"]
+    reader = gguf.GGUFReader(str(result.path))
+    assert set(reader.get_field("paretoq.tensor_group_sizes").contents()) == {group}
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (1.58, 256), (2, 256), (3, 64)])
+def test_grouped_gguf_runs_in_llama_cpp(tmp_path, bits, group):
+    ckpt = _grouped_checkpoint(bits, group)
+    result = G.export_gguf(ckpt, tmp_path / "m.gguf", G.GGUFOptions(progress=False))
+    report = validate_artifact(result.path, ckpt, _ids())
+    m = report["metrics"]
+    assert report["readback"]["exact"] == report["readback"]["checked"] and not report["readback"]["mismatches"]
+    assert m["kl_mean"] < 1e-4 and m["top1_clear_margin"] == 1.0 and abs(m["ppl_ratio"] - 1) < 0.005, m
+
+
+def test_gguf_refuses_a_256_block_type_for_finer_groups(tmp_path):
+    ckpt = _grouped_checkpoint(2, 64)
+    with pytest.raises(G.GGUFExportError, match=r"attn_q.*Q2_K cannot hold the seq2 grid .*group size 64 has no "
+                                                r"exact 256-block container.*use group size 256, or Q4_0"):
+        G.export_gguf(ckpt, tmp_path / "m.gguf", G.GGUFOptions(tensor_types=["attn_q=Q2_K"]))
+    assert not list(tmp_path.iterdir())
+
+
+def test_q4_0_recipe_from_the_cli(tmp_path, capsys):
+    from paretoq_export.cli import main
+
+    model_dir = save_tiny_model_dir(tmp_path / "tiny")
+    assert main(["quantize", "--model", str(model_dir), "--bits", "4", "--group-size", "32", "--embedding-bits",
+                 "8", "-o", str(tmp_path / "ck")]) == 0
+    assert main(["--format", "gguf", str(tmp_path / "ck"), "-o", str(tmp_path / "m.gguf"), "--text", __file__,
+                 "--validate-tokens", "96"]) == 0
+    assert "bit-exact" in capsys.readouterr().out
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert reader.get_field("general.file_type").contents() == int(gguf.LlamaFileType.MOSTLY_Q4_0)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["token_embd.weight"] == "Q8_0" and "output.weight" not in types  # tied: one table
+    assert {v for k, v in types.items() if k.startswith("blk.") and k.endswith("weight") and "norm" not in k} == {
+        "Q4_0"}
+    validation = json.loads((tmp_path / "m.gguf.validation.json").read_text())
+    assert validation["readback"]["exact"] == validation["readback"]["checked"]
+
+
+def test_target_gguf_trains_each_module_for_its_container(tmp_path, capsys):
+    from paretoq_export.cli import main
+
+    # 320-wide rows cannot hold a 256-block: q/k/v/o/gate/up land in Q4_0, so they train 4-bit with a step per 32;
+    # down_proj's 512-wide rows fit Q2_K: 2-bit with Q2_K's one step per 256
+    model_dir = save_tiny_model_dir(tmp_path / "tiny", hidden=320, num_attention_heads=5, num_key_value_heads=1)
+    assert main(["quantize", "--model", str(model_dir), "--bits", "2", "--target", "gguf", "--embedding-bits", "8",
+                 "-o", str(tmp_path / "ck")]) == 0
+    out = capsys.readouterr().out
+    assert "bits per weight stored in gguf" in out and "down_proj" in out and "2.625" in out and "4.500" in out
+    ckpt = QuantizedCheckpoint.load(tmp_path / "ck")
+    for key, q in ckpt.quantized.items():
+        if key.endswith("down_proj.weight"):
+            assert (q.grid.bits, q.group_size) == (2, 256)
+        elif "embed" in key:
+            assert (q.grid.bits, q.group_size) == (8, 32)
+        else:
+            assert (q.grid.bits, q.group_size) == (4, 32), key
+    result = G.export_gguf(ckpt, tmp_path / "m.gguf", G.GGUFOptions(progress=False))
+    assert not result.fallbacks  # every module was trained for the container it lands in
+    assert {r.ggml_type for r in result.records if r.hf_name.endswith("down_proj.weight")} == {"Q2_K"}
+    # the report counts every byte the GGUF's quantized tensors hold, per module type and in total
+    report = ckpt.recipe["stored_bits"]
+    held = sum(r.nbytes for r in result.records if r.grid is not None)
+    assert report["bytes"] == held == checkpoint_stored_bits(ckpt, "gguf")["bytes"]
+    for kind, row in report["by_type"].items():
+        nbytes = sum(r.nbytes for r in result.records if r.grid is not None and kind in r.hf_name)
+        assert row["bits_per_weight"] * row["weights"] == 8 * nbytes, kind
+    assert verify_gguf_readback(result.path, ckpt)["bit_exact"]
+
+
+def test_target_plans_for_onnx_and_executorch():
+    def plan(*args):
+        p = plan_module(*args)
+        return p.bits, p.group_size
+
+    assert plan("onnx", 576, 2) == (2, 64)  # MatMulNBits bits=2, with the 64-block's scale it stores anyway
+    assert plan("onnx", 576, 3) == (4, 64)  # 3-bit is stored in bits=4: train 4-bit
+    assert plan("executorch", 576, 1.58) == (4, None)  # int4 per channel
+    assert plan("gguf", 1536, 1.58) == (1.58, 256) and plan_module("gguf", 1536, 1.58).container == "TQ2_0"
+    with pytest.raises(ValueError, match="drop --group-size"):
+        QATConfig(bits=2, group_size=32, target="gguf")

@@ -90,5 +90,9 @@ def run(args: argparse.Namespace) -> int:
         ppl = ", ".join(f"step {s}: {p:.2f}" for s, p in r.heldout_ppl)
         print(f"trained {r.steps} steps in {run.seconds:.0f} s ({r.tokens_per_s:,.0f} tokens/s), "
               f"final loss {r.final_loss:.4f}; held-out PPL {ppl}")
+        from qat.targets import recorded_stored_bits
+
+        if recorded_stored_bits(run.checkpoint):
+            print(recorded_stored_bits(run.checkpoint))
         print(f"wrote {run.checkpoint}")
     return 0

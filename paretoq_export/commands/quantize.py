@@ -19,8 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from paretoq_export.pipeline import quantize_rtn
+    from qat.targets import recorded_stored_bits
 
     path = quantize_rtn(args.model, qat_config(args), args.output, args.overwrite, args.float_dtype,
                         args.trust_remote_code)
+    if recorded_stored_bits(path):
+        print(recorded_stored_bits(path))
     print(f"wrote {path}")
     return 0
