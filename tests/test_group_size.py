@@ -46,6 +46,23 @@ def test_group_quantizer_is_the_row_quantizer_on_the_view(bits):
     assert not torch.equal(q.alpha.reshape(8, 4)[:, :1].expand(8, 4), q.alpha.reshape(8, 4))
 
 
+def test_fused_kernels_take_the_grouped_view():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 8, bias=False)
+    q = QuantLinear.from_linear(linear, 4, group_size=32)
+    x = torch.randn(3, 128)
+    ref = q(x)
+    (ref.sum()).backward()
+    grads = q.weight.grad.clone(), q.alpha.grad.clone()
+    q.weight.grad = q.alpha.grad = None
+    q.fused = True  # the inductor build on CPU: the same per-row kernels over the [out * in / G, G] view
+    out = q(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(q.weight.grad, grads[0])
+    torch.testing.assert_close(q.alpha.grad, grads[1], rtol=1e-5, atol=1e-7)
+
+
 def test_group_size_that_does_not_divide_is_refused_before_any_work():
     model = tiny_model("llama", hidden=96, intermediate=192)  # 96 = 3 x 32: 64 does not divide
     with pytest.raises(ValueError, match=r"group size 64 does not divide .*q_proj's rows of 96: use 32 or no group"):
@@ -95,6 +112,27 @@ def test_checkpoint_stores_one_step_per_group_and_round_trips(tmp_path, bits, gr
     x = torch.randint(0, 320, (2, 12))
     with torch.no_grad():
         assert (ref(x).logits - model(x).logits).abs().max() < 5e-2  # only the fp16 rounding of the steps
+
+
+def test_grouped_training_moves_every_group_alpha_and_ends_quantized():
+    from qat.data import pack_blocks
+    from qat.trainer import TrainConfig, train
+    from tiny_models import TINY_TEXT, tiny_tokenizer
+
+    train_blocks, heldout = pack_blocks(tiny_tokenizer(), [TINY_TEXT] * 40, block_size=32, heldout_fraction=0.1)
+    model = prepare(tiny_model("llama", hidden=64, intermediate=128),
+                    QATConfig(bits=2, group_size=32, alpha_init="mse", embedding_bits=8))
+    before = {n: m.alpha.detach().clone() for n, m in quantized_modules(model).items()}
+    config = TrainConfig(steps=4, batch_size=2, lr=1e-3, eval_every=0, eval_at_start=False, progress=False,
+                         log_every=1, device="cpu", anneal_frac=0.5, alpha_lr_scale=10.0)
+    result = train(model, train_blocks, heldout, config)
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.loss_history)
+    for name, module in quantized_modules(model).items():
+        assert module.blend == 1.0 and module.alpha.shape == before[name].shape
+        moved = (module.alpha.detach() != before[name]).reshape(module.weight.shape[0], -1)
+        assert moved.any(dim=0).all(), name  # each group position's alphas learn (no group left out)
+    ckpt = QATCheckpoint.from_qat_model(model)
+    assert all(q.group_size == 32 for q in ckpt.quantized.values())
 
 
 def test_per_row_checkpoints_keep_their_layout_and_old_ones_load(tmp_path):
