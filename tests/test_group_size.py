@@ -262,6 +262,25 @@ def test_target_gguf_trains_each_module_for_its_container(tmp_path, capsys):
     assert verify_gguf_readback(result.path, ckpt)["bit_exact"]
 
 
+def test_cli_qat_with_target_prints_and_records_the_stored_bits(tmp_path, capsys):
+    from paretoq_export.cli import main
+    from tiny_models import TINY_TEXT
+
+    model_dir = save_tiny_model_dir(tmp_path / "tiny", hidden=64, intermediate=256)
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(f"Document {i}. {TINY_TEXT}" for i in range(40)))
+    assert main(["qat", "--model", str(model_dir), "--bits", "1.58", "--target", "gguf", "--data", str(text),
+                 "--steps", "2", "--batch-size", "2", "--block-size", "32", "--recipe", "paper", "-o",
+                 str(tmp_path / "ck")]) == 0
+    out = capsys.readouterr().out
+    assert "bits per weight stored in gguf" in out and "TQ2_0" in out and "Q4_0" in out
+    ckpt = QuantizedCheckpoint.load(tmp_path / "ck")
+    assert ckpt.recipe["qat_config"]["target"] == "gguf" and ckpt.recipe["stored_bits"]["target"] == "gguf"
+    down = ckpt.quantized["model.layers.0.mlp.down_proj.weight"]  # 256-wide rows: ternary in TQ2_0, a step per 256
+    q_proj = ckpt.quantized["model.layers.0.self_attn.q_proj.weight"]  # 64-wide rows: 4-bit in Q4_0, a step per 32
+    assert (down.grid.bits, down.group_size) == (1.58, 256) and (q_proj.grid.bits, q_proj.group_size) == (4, 32)
+
+
 def test_target_plans_for_onnx_and_executorch():
     def plan(*args):
         p = plan_module(*args)
