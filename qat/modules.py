@@ -24,12 +24,15 @@ def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+GROUP_SIZES = (32, 64, 128, 256)  # what the runtimes hold natively (GGUF Q4_0 32, 256-block types, MatMulNBits, 8da4w)
+
+
 def check_group_size(group_size: int | None, row_length: int, name: str = "module") -> None:
     """One line naming the module and the group sizes that work when ``group_size`` does not divide its rows."""
     if group_size is None:
         return
     if group_size <= 0 or row_length % group_size:
-        works = [g for g in (32, 64, 128, 256) if row_length % g == 0]
+        works = [g for g in GROUP_SIZES if row_length % g == 0]
         raise ValueError(
             f"group size {group_size} does not divide {name}'s rows of {row_length}: use "
             + (f"{', '.join(map(str, works))} or " if works else "")

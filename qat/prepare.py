@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from qat.grids import EMBEDDING_BITS, WEIGHT_BITS, format_bits, parse_bits
-from qat.modules import QUANT_MODULES, QuantEmbedding, QuantLinear, check_group_size
+from qat.modules import GROUP_SIZES, QUANT_MODULES, QuantEmbedding, QuantLinear, check_group_size
 from qat.quantizers import ALPHA_INITS
 from qat.targets import TARGETS, Placement, format_stored_bits, plan_module, stored_bits
 
@@ -77,9 +77,6 @@ def _lookup(table: dict, name: str, default):
         if name.endswith(key) or name.split(".")[-1] == key or re.fullmatch(key, name):
             return value
     return default
-
-
-GROUP_SIZES = (32, 64, 128, 256)
 
 
 def _check_group(value, what: str) -> int | None:
