@@ -24,7 +24,7 @@ import os
 import random
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,15 +33,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from qat import distributed as fsdp
+from qat.distill import DEFAULT_CHUNK_TOKENS, chunked_distill_loss, chunked_lm_loss, teacher_topk
 from qat.fused import fused_default, restore_fused, set_fused
 from qat.grids import WEIGHT_BITS
 from qat.modules import QuantLinear, set_blend
 
-STATE_FILE = "trainer_state.pt"
+STATE_FILE = fsdp.STATE_FILE  # "trainer_state.pt": named in qat.distributed, which reads it back too
 PARALLEL_MODES = ("ddp", "fsdp")  # fsdp: FSDP2 (torch.distributed.fsdp.fully_shard)
 
 
@@ -55,7 +57,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio (0: to zero, as the paper)
     weight_decay: float = 0.0  # the paper's AdamW uses none (it would pull alphas and weights to 0)
     max_grad_norm: float | None = 1.0  # None or 0: no clipping
-    eval_every: int = 200  # held-out perplexity every this many steps (<= 0: only at the end)
+    eval_every: int | None = None  # held-out perplexity every this many steps (<= 0: only at the end); None:
+    #                                steps // 8, about 8 evaluations in a run (the points keep_best picks from)
     eval_batches: int | None = 50  # at most this many held-out batches per evaluation (None: all)
     eval_at_start: bool = True  # also measure the starting point (step 0) of a fresh run
     log_every: int = 10  # loss history granularity; the final loss is the mean of the last window
@@ -77,6 +80,21 @@ class TrainConfig:
     fused: bool | None = None  # one-pass fake-quant kernels (qat/fused.py); None: on for CUDA, off on CPU
     device: str | None = None  # None: cuda:LOCAL_RANK when CUDA is available, else cpu
     progress: bool = True  # tqdm bar (rank 0 only)
+    # --- scale, budgets, reproducibility
+    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS  # CE and distillation KL in float32 this many tokens at a time
+    distill_topk: int = 0  # > 0: distil only the teacher's top-k tokens per position (0: its whole distribution)
+    # keep_best: at the end, return the weights and alphas of the best held-out evaluation rather than the last
+    # (TrainResult.kept_step says which; the starting point, step 0, counts too). None: on when there is held-out
+    # data. Only a run that reaches `steps` restores; the best so far and its weights go into every checkpoint,
+    # so a resumed run returns what a straight one would.
+    keep_best: bool | None = None
+    warn_epochs: float = 2.0  # warn (log + TrainResult.warnings) when the run passes over its data more often
+    # deterministic: torch.use_deterministic_algorithms(True), cuDNN deterministic without autotuning, and
+    # CUBLAS_WORKSPACE_CONFIG=:4096:8 (cuBLAS reads it when CUDA starts: export it before launching; the trainer
+    # sets it when unset and warns when CUDA was already running). Two identical runs then write identical
+    # checkpoints. The fused fake-quant needs nothing more: its per-row alpha reductions have a fixed order.
+    # Cost on CUDA: not measured yet.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -96,6 +114,11 @@ class TrainConfig:
                              "(fsdp is FSDP2)")
         if (self.save_every or self.resume or self.stop_after) and not self.output_dir:
             raise ValueError("save_every / resume / stop_after need output_dir (where trainer_state.pt lives)")
+        if self.loss_chunk_tokens < 1 or self.distill_topk < 0:
+            raise ValueError(f"loss_chunk_tokens must be >= 1 and distill_topk >= 0, got {self.loss_chunk_tokens} "
+                             f"and {self.distill_topk}")
+        if self.eval_every is None:
+            self.eval_every = max(1, self.steps // 8)
 
 
 @dataclass
@@ -106,6 +129,16 @@ class TrainResult:
     tokens_per_s: float = 0.0  # training tokens per second over all ranks, this run, evaluation excluded
     lr: float = 0.0  # the peak learning rate used
     loss_history: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss of the window)
+    epochs: float = 0.0  # passes over the training blocks that the whole run (all `steps`) makes
+    kept_step: int | None = None  # keep_best: the evaluation whose weights were returned
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def final_heldout_ppl(self) -> float | None:
+        """The held-out perplexity of the returned weights: the kept evaluation's under keep_best, else the last."""
+        if self.kept_step is not None:
+            return dict(self.heldout_ppl)[self.kept_step]
+        return self.heldout_ppl[-1][1] if self.heldout_ppl else None
 
 
 def default_lr(bits: float) -> float:
@@ -227,15 +260,11 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "mean") ->
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction=reduction)
 
 
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
     """KL(teacher || student) per predicted token at a temperature, scaled by T^2 (Hinton) to keep its gradient
-    size independent of T."""
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} do not match the student's "
-                         f"{tuple(student_logits.shape)}: the teacher must share the student's vocabulary")
-    s = F.log_softmax(student_logits[:, :-1].flatten(0, 1).float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits[:, :-1].flatten(0, 1).float() / temperature, dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+    size independent of T; computed chunk by chunk, never in float32 for the whole batch (qat/distill.py)."""
+    return chunked_distill_loss(student_logits, teacher_logits, temperature, chunk_tokens)
 
 
 @torch.no_grad()
@@ -352,12 +381,45 @@ def train(model: nn.Module, train_blocks: torch.Tensor, heldout_blocks: torch.Te
     Under torchrun every rank calls this with the same arguments.
     """
     config = config or TrainConfig()
-    ctx = _init_distributed(config)
+    with _deterministic(config.deterministic):  # before CUDA starts: cuBLAS reads its workspace setting then
+        ctx = _init_distributed(config)
+        try:
+            return _train(model, train_blocks, heldout_blocks, config, teacher, ctx)
+        finally:
+            if ctx.owns_group:
+                dist.destroy_process_group()
+
+
+@contextmanager
+def _deterministic(on: bool):
+    """torch's deterministic mode for the run (TrainConfig.deterministic), the previous settings restored after."""
+    if not on:
+        yield
+        return
+    if "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            tqdm.write("warning: deterministic training, but CUDA started before CUBLAS_WORKSPACE_CONFIG was set: "
+                       "export CUBLAS_WORKSPACE_CONFIG=:4096:8 before launching for deterministic cuBLAS")
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
-        return _train(model, train_blocks, heldout_blocks, config, teacher, ctx)
+        yield
     finally:
-        if ctx.owns_group:
-            dist.destroy_process_group()
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+
+
+def _snapshot(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """A copy of the trained tensors for keep_best: on the CPU, or in place for FSDP shards (1/world each)."""
+    return [p.detach().clone() if isinstance(p, DTensor) else p.detach().to("cpu", copy=True) for p in params]
+
+
+def _numbered(tensors: list[torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """{"best.0": t0, ...}: a list of tensors as a torch.distributed.checkpoint state dict entry."""
+    return None if tensors is None else {f"best.{i}": t for i, t in enumerate(tensors)}
 
 
 def _train(model: nn.Module, train_blocks: torch.Tensor, heldout_blocks: torch.Tensor | None, config: TrainConfig,
@@ -402,6 +464,8 @@ def _train(model: nn.Module, train_blocks: torch.Tensor, heldout_blocks: torch.T
     params = [p for p in trained.parameters() if p.requires_grad]  # weights and alphas; ties deduplicated
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
+        if use_bf16:
+            teacher.to(torch.bfloat16)  # forwards only: bf16 weights halve its memory (autocast casts per op anyway)
 
     bits = max_quantized_bits(model)
     lr = config.lr if config.lr is not None else default_lr(bits if bits is not None else 16)
@@ -415,6 +479,10 @@ def _train(model: nn.Module, train_blocks: torch.Tensor, heldout_blocks: torch.T
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_schedule(config.steps, config.warmup_steps, config.min_lr_ratio))
 
+    # keep_best: the best held-out evaluation so far and a copy of its weights (checkpointed with the run)
+    keep_best = has_heldout and config.keep_best is not False
+    best: dict = {"step": None, "ppl": math.inf, "weights": None}
+
     # --- resume
     state_path = Path(config.output_dir) / STATE_FILE if config.output_dir else None
     step, heldout_ppl, loss_history = 0, [], []
@@ -422,11 +490,18 @@ def _train(model: nn.Module, train_blocks: torch.Tensor, heldout_blocks: torch.T
         # our own file, holding RNG states and numpy arrays besides tensors: not a weights-only load
         saved = torch.load(state_path, map_location="cpu", weights_only=False)
         _check_resumable(saved, config, ctx.world, sharded)
+        saved_best = saved.get("best") or {}
         if sharded:
-            fsdp.load_sharded(state_path.parent / saved["dcp"], trained, optimizer)
+            # DCP loads the saved best weights in place into copies shaped (and sharded) like the parameters
+            best_weights = _snapshot(params) if saved_best.get("weights") else None
+            fsdp.load_sharded(state_path.parent / saved["dcp"], trained, optimizer,
+                              extra=_numbered(best_weights))
         else:
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
+            best_weights = saved_best.get("weights")
+        if saved_best.get("step") is not None:
+            best.update(step=saved_best["step"], ppl=saved_best["ppl"], weights=best_weights)
         scheduler.load_state_dict(saved["scheduler"])
         step, heldout_ppl, loss_history = saved["step"], saved["heldout_ppl"], saved["loss_history"]
         _set_rng_state(saved["rng"])
@@ -438,13 +513,17 @@ def _train(model: nn.Module, train_blocks: torch.Tensor, heldout_blocks: torch.T
         if sharded:
             # every rank writes its shards first; trainer_state.pt, written last and atomically, makes them current
             weights = {"dcp": f"{fsdp.DCP_DIR}/step_{step:07d}"}
-            fsdp.save_sharded(state_path.parent / weights["dcp"], trained, optimizer)
+            fsdp.save_sharded(state_path.parent / weights["dcp"], trained, optimizer,
+                              extra=_numbered(best["weights"]))
             dist.barrier()
+            best_state = {"step": best["step"], "ppl": best["ppl"], "weights": best["weights"] is not None}
         else:
             weights = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+            best_state = dict(best)
         if ctx.main:
             save_state(state_path, {
                 **weights, "scheduler": scheduler.state_dict(), "step": step, "rng": _rng_state(),
+                "best": best_state,
                 "config": asdict(config), "world_size": ctx.world,
                 "heldout_ppl": heldout_ppl, "loss_history": loss_history,
             })
@@ -459,12 +538,22 @@ def _train(model: nn.Module, train_blocks: torch.Tensor, heldout_blocks: torch.T
         set_blend(trained, anneal_blend(step, config.steps, config.anneal_frac))
         heldout_ppl.append((step, ppl))
         say(f"step {step}: held-out perplexity {ppl:.3f}")
+        if keep_best and ppl < best["ppl"]:
+            best.update(step=step, ppl=ppl, weights=_snapshot(params))
 
     runner = _wrap_model(trained, config, ctx, device)
     order = BlockOrder(len(train_blocks), config.seed)
     block_size = train_blocks.shape[1]
     tokens_per_step = config.batch_size * config.grad_accum * ctx.world * block_size
     last_step = min(config.steps, config.stop_after or config.steps)
+    train_tokens = len(train_blocks) * block_size
+    epochs = config.steps * tokens_per_step / train_tokens
+    run_warnings = []
+    if epochs > config.warn_epochs:
+        run_warnings.append(f"{config.steps} steps of {tokens_per_step} tokens pass over the {train_tokens} training "
+                            f"tokens {epochs:.1f} times: expect memorisation (held-out perplexity rising); give "
+                            "more data (e.g. teacher:N sampled tokens) or fewer steps")
+        say(f"warning: {run_warnings[-1]}")
     say(f"training {last_step - step} steps: lr {lr:g}, {tokens_per_step} tokens/step over {ctx.world} "
         f"process(es), bf16 {use_bf16}, {len(train_blocks)} train blocks")
 
@@ -490,13 +579,19 @@ def _train(model: nn.Module, train_blocks: torch.Tensor, heldout_blocks: torch.T
             else:
                 no_sync = nullcontext() if sync else runner.no_sync()
             with no_sync, autocast():
+                target = None
+                if teacher is not None and config.distill_topk:
+                    with torch.no_grad():  # before the student's forward, so the teacher's full logits are freed
+                        target = teacher_topk(teacher(input_ids=ids, use_cache=False).logits, config.distill_topk,
+                                              config.loss_chunk_tokens)
                 logits = runner(input_ids=ids, use_cache=False).logits
-                loss = lm_loss(logits, ids)
+                loss = chunked_lm_loss(logits, ids, config.loss_chunk_tokens)  # lm_loss without float32 copies
                 if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(input_ids=ids, use_cache=False).logits
-                    loss = (1 - config.distill_weight) * loss + config.distill_weight * distill_loss(
-                        logits, teacher_logits, config.distill_temperature)
+                    if target is None:
+                        with torch.no_grad():
+                            target = teacher(input_ids=ids, use_cache=False).logits
+                    loss = (1 - config.distill_weight) * loss + config.distill_weight * chunked_distill_loss(
+                        logits, target, config.distill_temperature, config.loss_chunk_tokens)
                 (loss / config.grad_accum).backward()
             step_loss += loss.item() / config.grad_accum
         if config.max_grad_norm:
@@ -530,6 +625,16 @@ def _train(model: nn.Module, train_blocks: torch.Tensor, heldout_blocks: torch.T
         if state_path is not None and ((config.save_every and step % config.save_every == 0) or step == last_step):
             checkpoint()
     bar.close()
+    kept_step = None
+    if keep_best and best["step"] is not None and step == config.steps:
+        kept_step = best["step"]
+        if heldout_ppl[-1][0] != kept_step:
+            with torch.no_grad():
+                for p, saved in zip(params, best["weights"]):
+                    p.copy_(saved)
+            say(f"keep_best: returning step {kept_step}'s weights (held-out perplexity {best['ppl']:.3f}; the last "
+                f"evaluation, step {heldout_ppl[-1][0]}, measured {heldout_ppl[-1][1]:.3f})")
+    best["weights"] = None
 
     if sharded:
         optimizer.state.clear()  # free the AdamW moments before the full weights are gathered
@@ -543,4 +648,4 @@ def _train(model: nn.Module, train_blocks: torch.Tensor, heldout_blocks: torch.T
     final_loss = loss_history[-1][1] if loss_history else float("nan")
     return TrainResult(steps=step, final_loss=final_loss, heldout_ppl=list(heldout_ppl),
                        tokens_per_s=tokens_done / train_time if train_time else 0.0, lr=lr,
-                       loss_history=list(loss_history))
+                       loss_history=list(loss_history), epochs=epochs, kept_step=kept_step, warnings=run_warnings)

@@ -216,3 +216,94 @@ def test_ddp_two_cpu_processes(random_blocks, tmp_path):
     ref = params(single)
     assert max((ref[k] - r0["params"][k]).abs().max().item() for k in ref) < 1e-6
     assert one.final_loss == pytest.approx(r0["loss"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------------- budgets, scaling, reproducibility
+
+OTHER_TEXT = ("Every morning the baker opens her shop at six and sells warm bread to the people of the small town "
+              "near the river. ")
+
+
+def test_keep_best_restores_the_best_evaluation_of_an_overfitting_run():
+    """Four training blocks passed over 40 times: held-out PPL falls, then rises as the model memorises them.
+    keep_best returns the weights and alphas of the best evaluation; off, the last ones."""
+    tok = tiny_tokenizer()
+    train_blocks = pack_blocks(tok, [TINY_TEXT] * 4, block_size=32, heldout_fraction=0)[0][:4]
+    heldout = pack_blocks(tok, [OTHER_TEXT * 4] * 4, block_size=32, heldout_fraction=0)[0][:4]
+    cfg = dict(steps=40, batch_size=4, lr=3e-3, eval_every=4, eval_batches=None, log_every=4)
+    best_model = prepare(tiny_model("llama", **SMALL), QATConfig(bits=4))
+    best = train(best_model, train_blocks, heldout, quiet(**cfg))  # keep_best defaults on with held-out data
+    steps, ppls = zip(*best.heldout_ppl)
+    assert steps == tuple(range(4, 41, 4))
+    assert ppls[-1] > min(ppls) * 1.05, best.heldout_ppl  # it did overfit
+    kept = steps[ppls.index(min(ppls))]
+    assert best.kept_step == kept < 40 and best.final_heldout_ppl == min(ppls)
+    assert evaluate_perplexity(best_model, heldout, batch_size=4) == pytest.approx(min(ppls), rel=1e-5)
+    assert best.epochs == pytest.approx(40.0) and any("40.0 times" in w for w in best.warnings)
+
+    last_model = prepare(tiny_model("llama", **SMALL), QATConfig(bits=4))
+    last = train(last_model, train_blocks, heldout, quiet(**cfg, keep_best=False))
+    assert last.heldout_ppl == best.heldout_ppl and last.kept_step is None
+    assert evaluate_perplexity(last_model, heldout, batch_size=4) == pytest.approx(ppls[-1], rel=1e-5)
+
+
+def test_default_eval_cadence_and_epoch_warning(random_blocks):
+    assert TrainConfig(steps=1000).eval_every == 125 and TrainConfig(steps=5).eval_every == 1  # ~8 evaluations
+    assert TrainConfig(steps=1000, eval_every=0).eval_every == 0
+    result = train(small_qat_model(), random_blocks, None, quiet(steps=2, batch_size=2))  # 4 of 16 blocks
+    assert result.epochs == pytest.approx(0.25) and not result.warnings and result.kept_step is None
+
+
+def test_deterministic_runs_give_byte_identical_checkpoints(random_blocks, tmp_path):
+    from qat.checkpoint_io import QATCheckpoint
+
+    seen = []
+    for run in ("a", "b"):
+        model = prepare(tiny_model("llama", **SMALL), QATConfig(bits=2, embedding_bits=8))
+        model.model.layers[0].register_forward_pre_hook(
+            lambda m, a: seen.append(torch.are_deterministic_algorithms_enabled()))
+        train(model, random_blocks[:12], random_blocks[12:], quiet(steps=3, deterministic=True, eval_every=2))
+        QATCheckpoint.from_qat_model(model, tiny_tokenizer()).save(tmp_path / run)
+    assert seen and all(seen) and not torch.are_deterministic_algorithms_enabled()  # on while training only
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir()) and "model.safetensors" in files
+    for name in files:
+        a, b = (tmp_path / "a" / name).read_bytes(), (tmp_path / "b" / name).read_bytes()
+        if name in ("model.safetensors", "config.json"):
+            # safetensors 0.8 writes its __metadata__ map in a random order (a Rust HashMap), and config.json holds
+            # the file's sha256: compare the header as data and every tensor byte
+            a, b = _without_metadata_order(name, a), _without_metadata_order(name, b)
+        assert a == b, name
+
+
+def _without_metadata_order(name: str, data: bytes):
+    import json
+    import struct
+
+    if name == "config.json":
+        config = json.loads(data)
+        config["quantization_config"].pop("weights_sha256")
+        return config
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def test_chunked_distillation_and_top_k_teacher(blocks):
+    train_blocks, _ = blocks
+    teacher = tiny_model("llama", **SMALL)
+    runs = {}
+    for name, kw in {"whole": dict(loss_chunk_tokens=100_000), "chunked": dict(loss_chunk_tokens=7),
+                     "topk": dict(distill_topk=8)}.items():
+        # a float student: a quantized one's level choices would amplify float rounding into different runs
+        student = tiny_model("llama", **SMALL, seed=1)
+        result = train(student, train_blocks, None, quiet(steps=2, distill_weight=0.5, distill_temperature=2.0, **kw),
+                       teacher=teacher)
+        runs[name] = (result, params(student))
+    (r0, p0), (r1, p1) = runs["whole"], runs["chunked"]
+    assert [v for _, v in r0.loss_history] == pytest.approx([v for _, v in r1.loss_history], rel=1e-6)
+    assert max((p0[k] - p1[k]).abs().max().item() for k in p0) < 1e-6
+    r2, p2 = runs["topk"]
+    assert all(math.isfinite(v) for _, v in r2.loss_history) and r2.loss_history != r0.loss_history
+    assert next(teacher.parameters()).dtype == torch.float32  # bf16 only on CUDA
+    with pytest.raises(ValueError, match="distill_topk"):
+        TrainConfig(distill_topk=-1)
