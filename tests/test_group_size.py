@@ -102,6 +102,7 @@ def test_checkpoint_stores_one_step_per_group_and_round_trips(tmp_path, bits, gr
         levels = fake_quantize(module.grouped_weight().detach(), module.alpha.detach(), module.grid) / module.alpha
         want = (levels * s16 / module.grid.step_per_alpha).reshape(rows, cols)
         torch.testing.assert_close(q.dequantize(), want, rtol=1e-6, atol=1e-9)
+    assert ckpt.nbytes()["steps"] == 2 * sum(q.scale.numel() for q in ckpt.quantized.values())
     config = json.loads((tmp_path / "ck" / "config.json").read_text())["quantization_config"]
     assert {m["group_size"] for m in config["modules"].values()} == {group}
     assert config["recipe"]["qat_config"]["group_size"] == group
