@@ -91,7 +91,9 @@ def _preferred_summary_type(ckpt, options: GGUFOptions) -> str:
     counts: dict[str, int] = {}
     for key, q in ckpt.quantized.items():
         try:
-            t = choose_tensor_type(key, q.grid, q.shape, options).ggml_type.name
+            # codes and steps passed so group-wise steps finer than a block choose the type the writer will
+            t = choose_tensor_type(key, q.grid, q.shape, options, codes=q.codes.numpy(),
+                                   step=q.scale.numpy()).ggml_type.name
         except GGUFExportError:
             t = "F32"
         counts[t] = counts.get(t, 0) + int(np.prod(q.shape))

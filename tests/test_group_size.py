@@ -163,6 +163,7 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 
 from formats import gguf as G  # noqa: E402
+from formats.gguf_metadata import default_filename  # noqa: E402
 from formats.gguf_readback import verify_gguf_readback  # noqa: E402
 from formats.validation import validate_artifact  # noqa: E402
 from qat.targets import checkpoint_stored_bits, plan_module  # noqa: E402
@@ -191,6 +192,7 @@ def test_gguf_places_groups_exactly(tmp_path, bits, group):
     assert types.pop("token_embd.weight") == "Q8_0" and set(types.values()) == {want}
     assert bool(result.fallbacks) == (want == "Q4_0" and bits < 4)  # finer groups: the 32-block container
     assert verify_gguf_readback(result.path, ckpt)["bit_exact"]
+    assert default_filename(ckpt).endswith(f"-{want}.gguf")  # the default name says the type actually written
     reader = gguf.GGUFReader(str(result.path))
     assert set(reader.get_field("paretoq.tensor_group_sizes").contents()) == {group}
 
