@@ -45,6 +45,11 @@ class ExecuTorchFormat(ExportFormat):
         return ExecuTorchOptions(target=args.target, max_seq_len=args.max_seq_len,
                                  embedding_bits=args.embedding_bits, overwrite=args.overwrite, progress=None)
 
+    def default_name(self, checkpoint, options: Any) -> str:
+        from formats.executorch import default_filename
+
+        return default_filename(checkpoint, options)
+
     def export(self, checkpoint, output: str | os.PathLike | None, options: Any) -> ExportedArtifact:
         from formats.executorch import export_executorch
 
@@ -98,6 +103,11 @@ class ExecuTorchFormat(ExportFormat):
         prefill = kv_prefill or max(1, len(token_ids) // 2)
         new_tokens = min(16, runner.max_seq_len - prefill - 1)
         return {"kv_cache": check_kv_decode(runner, token_ids, prefill, new_tokens=new_tokens, reference=reference)}
+
+    def tokenizer_file(self, path: Path) -> Path | None:
+        from formats.executorch import TOKENIZER_FILES
+
+        return next((path.parent / n for n in TOKENIZER_FILES if (path.parent / n).is_file()), None)
 
     def decode_bytes(self, path: Path, context: float):
         from runtime_tests.bandwidth import executorch_decode_bytes

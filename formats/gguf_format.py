@@ -50,6 +50,11 @@ class GGUFFormat(ExportFormat):
             name=args.name, base_model=args.base_model, license=args.license, progress=None,
         )
 
+    def default_name(self, checkpoint, options: Any) -> str:
+        from formats.gguf_metadata import default_filename
+
+        return default_filename(checkpoint, options)
+
     def export(self, checkpoint, output: str | os.PathLike | None, options: Any) -> ExportedArtifact:
         from formats.gguf import export_gguf
 
@@ -101,6 +106,11 @@ class GGUFFormat(ExportFormat):
 
     def runtime_info(self, path: Path, runner) -> dict:
         return {"runtime": self.runtime, "n_ctx": runner.n_ctx, "kv_cache": "f32"}
+
+    def tokenize(self, path: Path, text: str) -> list[int] | None:
+        from runtime_tests.llamacpp import tokenize_with_vocab
+
+        return tokenize_with_vocab(path, text)
 
     def decode_bytes(self, path: Path, context: float):
         from runtime_tests.bandwidth import gguf_decode_bytes

@@ -58,7 +58,7 @@ def _bpe_vocab(path: Path, vocab_size: int) -> tuple[list[str], list[int], str]:
     """As convert_hf_to_gguf's get_vocab_base (gpt2 tokenizer model): tokens by id, padded with [PADi]."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # never a tokenizer's own code
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
         raise GGUFExportError(f"the tokenizer has ids up to {max(vocab.values())} but the model's vocab_size is "

@@ -113,6 +113,10 @@ class ExportFormat(ABC):
         """Options of one cell of a pareto sweep (``settings``: the sweep's format settings, e.g.
         gguf_embedding_type); ``float_model``: the unquantized baseline."""
 
+    @abstractmethod
+    def default_name(self, checkpoint, options: Any) -> str:
+        """The file (or folder) name an export gets when -o names no file: from the model, bits and options."""
+
     def default_output(self, checkpoint_dir: Path, checkpoint, options: Any) -> Path:
         """Where `export` writes without -o: next to the checkpoint, under the format's default name."""
         return Path(checkpoint_dir).resolve().parent
@@ -148,6 +152,27 @@ class ExportFormat(ABC):
         "checks" (``reference``: the PyTorch logits [T, V] of ``token_ids``); a failed check is reported, not
         raised."""
         return {}
+
+    def tokenizer_file(self, path: Path) -> Path | None:
+        """The tokenizer file shipped with the artifact that its runtime reads (tokenizer.json, or a SentencePiece
+        tokenizer.model), or None where the artifact embeds its vocabulary or carries none."""
+        return None
+
+    def tokenize(self, path: Path, text: str) -> list[int] | None:
+        """The ids the artifact's own tokenizer gives ``text`` (no BOS/EOS), None where it carries none; the
+        validation compares them with transformers'. By default from ``tokenizer_file``: tokenizer.json through
+        the tokenizers library (what onnxruntime-genai and ExecuTorch's runner read), tokenizer.model through
+        sentencepiece."""
+        file = self.tokenizer_file(path)
+        if file is None or not file.is_file():
+            return None
+        if file.suffix == ".model":
+            import sentencepiece
+
+            return list(sentencepiece.SentencePieceProcessor(model_file=str(file)).encode(text))
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(file)).encode(text, add_special_tokens=False).ids
 
     @abstractmethod
     def decode_bytes(self, path: Path, context: float):

@@ -2,18 +2,17 @@
 
 Every command is a module with ``add_arguments(parser)`` and ``run(args) -> int``, listed in COMMANDS.
 ``paretoq-export --format gguf CKPT -o model.gguf`` is the shortcut of ``paretoq-export export gguf CKPT ...``.
-Every failure the user can fix ends with one ``error: ...`` line and exit status 2.
+Every failure the user can fix ends with one ``error: ...`` line and exit status 2; a validation that ran and
+failed its thresholds exits 1; ``--debug`` (anywhere on the line, or PARETOQ_DEBUG=1) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
-
-from paretoq_export.canonical.checkpoint import CheckpointError
-from paretoq_export.model_source import ModelSourceError
 
 # command -> module (each: add_arguments(parser), run(args) -> int; HELP, or the first line of its docstring)
 COMMANDS = {
@@ -37,6 +36,8 @@ def command_help(module) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paretoq-export", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a failure (anywhere on the line; errors are one line otherwise)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
@@ -45,23 +46,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# warnings torch and torchao print on import about kernels and APIs none of our paths use (logger -> message parts)
+IMPORT_NOISE = {
+    "torchao": ("Failed to load", "Skipping import of cpp extensions"),
+    "torchao.kernel.intmm": ("Detected no triton",),
+    "torch.utils._pytree": ("register_constant() on Enum subclasses",),
+}
+
+
+class _ImportNoise(logging.Filter):
+    def __init__(self, parts: tuple[str, ...]):
+        super().__init__()
+        self.parts = parts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(part in message for part in self.parts)
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     from paretoq_export.commands.export import shortcut
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("PARETOQ_DEBUG"))
+    argv = [a for a in argv if a != "--debug"]
+    if not debug:
+        for logger, parts in IMPORT_NOISE.items():
+            logging.getLogger(logger).addFilter(_ImportNoise(parts))
     if argv and (argv[0] == "export" or argv[0].startswith("--format")):
         argv = shortcut(argv)
     args = build_parser().parse_args(argv)
     try:
         return importlib.import_module(COMMANDS[args.command]).run(args)
-    except (CheckpointError, ModelSourceError, ValueError, FileNotFoundError, ImportError) as exc:
-        if os.environ.get("PARETOQ_DEBUG"):
-            raise
-        print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # always one line
-        return 2
     except KeyboardInterrupt:
         print("error: interrupted (nothing half-written was left behind)", file=sys.stderr)
         return 130
+    except (ValueError, OSError, ImportError) as exc:  # the project's errors are ValueErrors with one-line messages
+        if debug:
+            raise
+        print("error: " + one_line(exc), file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug, not the user's: still one line, the traceback on request
+        if debug:
+            raise
+        print(f"error: internal error ({type(exc).__name__}: {one_line(exc)}): rerun with --debug for the traceback "
+              "and report it", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

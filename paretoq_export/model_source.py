@@ -1,13 +1,17 @@
 """Where input models come from: a transformers directory, a GGUF file, or the embedded default (SmolLM2-135M).
 
 Loading is safe by default: transformers prefers safetensors and reads pickled ``.bin`` files with
-``torch.load(weights_only=True)``; a model's own remote code runs only with ``trust_remote_code=True``.
+``torch.load(weights_only=True)``; a model's or tokenizer's own code runs only with ``trust_remote_code=True``
+(passed to transformers as an explicit False otherwise: left unset, transformers asks on the terminal and runs the
+code on "y"). Cheap checks come first: the architecture must be one the exporters write (the one table,
+paretoq_export.canonical.model_description) and the tokenizer must not need code, before any weight is read.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,21 +77,22 @@ def load_model(
             raise ModelSourceError(f"cannot import {path} through transformers' GGUF loader: {exc}") from exc
         return ModelSource(model, tokenizer, f"GGUF {path.name}", path.stem)
     if path.exists():
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise ModelSourceError(f"{path} has no config.json: give a transformers model directory or a .gguf file")
-        config = json.loads(config_file.read_text())
-        if config.get("quantization_config", {}).get("quant_method") == "paretoq":
-            raise ModelSourceError(f"{path} is already a paretoq checkpoint: export it with `paretoq-export --format ...`")
-        _check_architecture(config, trust_remote_code, str(path))
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = read_model_config(path)
+        check_model_code(path, config, trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        except (OSError, RuntimeError, pickle.UnpicklingError) as exc:  # a refused pickle, a truncated file
+            reason = " ".join(str(exc).split())[:200]
+            files = ", ".join(sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".safetensors")))
+            raise ModelSourceError(f"cannot load the weights of {path} ({files}; {type(exc).__name__}: {reason}): "
+                                   "use safetensors weights, or convert pickles in a trusted environment") from exc
+        tokenizer = load_tokenizer(path, trust_remote_code)
         base = config.get("_name_or_path") or path.name
         return ModelSource(model, tokenizer, f"transformers directory {path}", str(base))
     # a hub id: works where the hub is reachable; here it fails fast with a clear line
     try:
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=bool(trust_remote_code))
     except OSError as exc:
         raise ModelSourceError(
             f"model {spec!r} is neither a local directory/.gguf nor reachable on the Hugging Face Hub ({type(exc).__name__})"
@@ -95,18 +100,66 @@ def load_model(
     return ModelSource(model, tokenizer, f"hub model {spec}", spec)
 
 
+def read_model_config(path: Path) -> dict:
+    """config.json of a model directory, as a dict; one line for a missing or malformed one."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelSourceError(f"{path} has no config.json: give a transformers model directory or a .gguf file")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelSourceError(f"{config_file} is not valid JSON ({exc}): fix or re-download the model") from exc
+    if not isinstance(config, dict):
+        raise ModelSourceError(f"{config_file} holds a {type(config).__name__}, not a config object: fix or "
+                               "re-download the model")
+    if (config.get("quantization_config") or {}).get("quant_method") == "paretoq":
+        raise ModelSourceError(f"{path} is already a paretoq checkpoint: export it with `paretoq-export --format ...`")
+    return config
+
+
+def check_model_code(path: Path, config: dict, trust_remote_code: bool) -> None:
+    """Before any weight is read: the architecture is one the exporters write, and neither the model nor its
+    tokenizer needs its own code unless the user trusts it."""
+    _check_architecture(config, trust_remote_code, str(path))
+    tokenizer_config = path / "tokenizer_config.json"
+    if not trust_remote_code and tokenizer_config.is_file():
+        try:
+            auto_map = json.loads(tokenizer_config.read_text()).get("auto_map")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            raise ModelSourceError(f"{tokenizer_config} is malformed ({exc}): fix or re-download the model") from exc
+        if auto_map:
+            code = ", ".join(sorted(p.name for p in path.glob("*.py"))) or "code named in auto_map"
+            raise ModelSourceError(f"{path}: the tokenizer ships its own code ({code}); review it and pass "
+                                   "--trust-remote-code to run it, or remove auto_map from tokenizer_config.json")
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False, **kwargs: Any):
+    """AutoTokenizer with trust_remote_code always explicit (never the interactive prompt)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=bool(trust_remote_code), **kwargs)
+    except ValueError as exc:
+        raise ModelSourceError(f"cannot load the tokenizer of {path}: {' '.join(str(exc).split())[:300]}") from exc
+
+
 def _check_architecture(config: dict, trust_remote_code: bool, where: str) -> None:
     from transformers import CONFIG_MAPPING
 
+    from paretoq_export.canonical.model_description import FAMILIES, family_of
+
     model_type = config.get("model_type")
-    if model_type in CONFIG_MAPPING:
-        return
-    if config.get("auto_map") and not trust_remote_code:
+    if model_type not in CONFIG_MAPPING and config.get("auto_map") and not trust_remote_code:
         raise ModelSourceError(
             f"{where}: architecture {model_type!r} ships its own code; review it and pass --trust-remote-code to run it"
         )
-    if not config.get("auto_map"):
+    if model_type not in CONFIG_MAPPING and not config.get("auto_map"):
         raise ModelSourceError(
             f"{where}: unknown architecture {model_type!r} (transformers has no such model_type): "
-            "use a supported causal LM (Llama, Qwen2, Qwen3, ...) or upgrade transformers"
+            f"use a supported causal LM ({', '.join(f.hf_class for f in FAMILIES.values())}) or upgrade transformers"
+        )
+    if family_of(config) is None:  # transformers knows it, but no exporter writes it: refuse before training
+        raise ModelSourceError(
+            f"{where}: architecture {config.get('architectures') or model_type!r} cannot be exported; supported are "
+            f"{', '.join(f.hf_class for f in FAMILIES.values())}"
         )

@@ -10,20 +10,18 @@ from pathlib import Path
 
 import torch
 
+from paretoq_export.canonical.atomic import check_output
 from paretoq_export.canonical.checkpoint import CheckpointError
 from paretoq_export.canonical.licenses import known_license
-from paretoq_export.model_source import load_model
+from paretoq_export.model_source import check_model_code, load_model, load_tokenizer, read_model_config
 from qat.checkpoint_io import QATCheckpoint
 from qat.data import DataConfig, build_data
 from qat.prepare import QATConfig, prepare
 
 
 def _check_output(output: str | os.PathLike, overwrite: bool) -> Path:
-    """Fail before any expensive work when the output would be refused at save time."""
-    out = Path(output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise CheckpointError(f"output {out} exists and is not empty: pass --overwrite or choose another -o")
-    return out
+    """Fail before any expensive work when the output would be refused at save time (exists, unwritable)."""
+    return check_output(output, overwrite, folder=True)
 
 
 def _is_main_process() -> bool:
@@ -141,12 +139,11 @@ def import_checkpoint(
         source = load_model(model_dir, trust_remote_code=trust_remote_code)
         ckpt = QATCheckpoint.from_on_grid_model(source.model, bits, source.tokenizer, float_dtype=float_dtype)
     elif kind == "paretoq-reference":
-        from transformers import AutoTokenizer
-
         path = Path(model_dir)
-        config = json.loads((path / "config.json").read_text())
+        config = read_model_config(path)
+        check_model_code(path, config, trust_remote_code)
         state = read_state_dict(path)
-        tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+        tokenizer = load_tokenizer(path, trust_remote_code) if (path / "tokenizer_config.json").exists() else None
         ckpt = QATCheckpoint.from_paretoq_reference(state, config, bits, tokenizer, float_dtype=float_dtype)
     else:
         raise ValueError(f"unknown import kind {kind!r}: use paretoq-reference or on-grid")

@@ -17,6 +17,11 @@ validation every caller runs, formats.validation):
   (ONNX: cached vs uncached generation; ExecuTorch: KV-cached decode vs recompute).
 - optionally zero-shot accuracy (runtime_tests.zeroshot) of the reference and of the artifact, side by side.
 
+Pass/fail: mean KL, clear-margin top-1 and PPL ratio against the format's thresholds (formats.validation.THRESHOLDS;
+GGUF and ONNX: KL <= 1e-2, top-1 >= 95%, PPL ratio within 1.02; ExecuTorch: 5e-2, 90%, 1.05), changed with
+--max-kl / --min-top1 / --max-ppl-ratio. A failed validation prints one ``error: validation failed: ...`` line
+and exits 1 (the report is still written).
+
 JSON (``--json``): the schema of formats.validation, the same the exporters' --validate write and the card reads.
 """
 
@@ -24,31 +29,35 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from formats.validation import ValidateError, validate_artifact, write_report
+from formats.validation import ValidateError, thresholds_for, validate_artifact, verdict_line, write_report
 from paretoq_export.arguments import add_validation_text_arguments
-from paretoq_export.canonical.atomic import atomic_file
-from paretoq_export.validation_text import DEFAULT_TOKENS, validation_token_ids
+from paretoq_export.canonical.atomic import atomic_file, check_output
+from paretoq_export.validation_text import DEFAULT_TOKENS, validation_text, validation_token_ids
 
 
 def validate(artifact: str | Path, checkpoint: str | Path, text: str | None = None, tasks: Sequence[str] = (),
-             limit: int | None = None, threads: int = 2, tokens: int = DEFAULT_TOKENS, progress: bool = True) -> dict:
+             limit: int | None = None, threads: int = 2, tokens: int = DEFAULT_TOKENS, progress: bool = True,
+             thresholds: dict | None = None, verify: bool = True) -> dict:
     """Validate an exported file against its checkpoint on the validation text (``text``: a file, default the
-    held-out Wikipedia documents); zero-shot ``tasks`` (names or ["all"]) with ``limit`` examples each."""
+    held-out Wikipedia documents); zero-shot ``tasks`` (names or ["all"]) with ``limit`` examples each;
+    ``thresholds``: max_kl / min_top1 / max_ppl_ratio over the format's defaults."""
     from formats.registry import detect_artifact
     from paretoq_export.canonical.checkpoint import QuantizedCheckpoint
     from runtime_tests import zeroshot
 
-    detect_artifact(artifact)  # a wrong path or task list fails before the checkpoint is read
+    fmt, _ = detect_artifact(artifact)  # a wrong path or task list fails before the checkpoint is read
     if zeroshot.parse_tasks(tasks):
         zeroshot.task_data_dir()
-    ckpt = QuantizedCheckpoint.load(checkpoint)
+    ckpt = QuantizedCheckpoint.load(checkpoint, verify=verify)
     report = validate_artifact(artifact, ckpt, validation_token_ids(ckpt, text, tokens), tasks=tasks, limit=limit,
-                               threads=threads, progress=progress)
+                               threads=threads, progress=progress,
+                               thresholds=thresholds_for(fmt.name, **(thresholds or {})), text=validation_text(text))
     report["checkpoint"] = str(checkpoint)
     return report
 
@@ -66,6 +75,10 @@ def format_report(report: dict) -> str:
     lines.append(f"{'read-back':<22}{exact}" + (f"; not exact: {', '.join(lossy[:3])}{more}" if lossy else ""))
     if not rb["checked"] or rb["mismatches"]:
         lines.append(f"{'':<22}{rb['note']}")
+    tok = report.get("tokenizer")
+    if tok:
+        lines.append(f"{'tokenizer':<22}" + (f"same ids as transformers on {tok['tokens']} tokens" if tok["equal"]
+                                             else f"DIFFERS from transformers at {tok['first_difference']}"))
     lines += [
         f"{'tokens':<22}{m['tokens']}",
         f"{'mean KL (nats)':<22}{m['kl_mean']:.3e}",
@@ -81,6 +94,8 @@ def format_report(report: dict) -> str:
         lines += ["", "zero-shot acc" + (f" (limit {limit} per task)" if limit else ""),
                   format_table(both, "acc"), "", "zero-shot acc_norm", format_table(both, "acc_norm")]
     lines.append(f"{'seconds':<22}{report['seconds']:.1f}")
+    lines.append(f"{'verdict':<22}{'pass' if report['verdict']['passed'] else 'FAIL'} (thresholds "
+                 + ", ".join(f"{k} {v:g}" for k, v in report["verdict"]["thresholds"].items()) + ")")
     return "\n".join(lines)
 
 
@@ -129,6 +144,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="write the report here")
     parser.add_argument("--plot", default=None, metavar="PNG", help="bar chart of the zero-shot accuracies (needs --tasks)")
     add_validation_text_arguments(parser, "CPU threads for the runtime and the reference")
+    add_threshold_arguments(parser)
+    add_verify_argument(parser)
+
+
+def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
+    """--max-kl / --min-top1 / --max-ppl-ratio: the validation's pass/fail bounds (default: the format's)."""
+    parser.add_argument("--max-kl", type=float, default=None,
+                        help="fail above this mean KL (default: GGUF/ONNX 1e-2, ExecuTorch 5e-2)")
+    parser.add_argument("--min-top1", type=float, default=None,
+                        help="fail below this clear-margin top-1 agreement, 0..1 (default: 0.95; ExecuTorch 0.90)")
+    parser.add_argument("--max-ppl-ratio", type=float, default=None,
+                        help="fail when PPL artifact/reference (or its inverse) exceeds this (default 1.02; "
+                             "ExecuTorch 1.05)")
+
+
+def add_verify_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="load a checkpoint whose config/weights hashes are missing or differ (at your risk)")
+
+
+def threshold_overrides(args: argparse.Namespace) -> dict:
+    return {"max_kl": args.max_kl, "min_top1": args.min_top1, "max_ppl_ratio": args.max_ppl_ratio}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,11 +174,18 @@ def run(args: argparse.Namespace) -> int:
     if args.plot and not args.tasks:
         raise ValidateError("--plot draws the zero-shot accuracies: add --tasks (e.g. --tasks all --limit 200)")
     torch.set_num_threads(args.threads)
+    for output in (args.json, args.plot):
+        if output:
+            check_output(output, overwrite=True)  # an unwritable report fails before the runtime runs
     report = validate(args.artifact, args.checkpoint, text=args.text, tasks=args.tasks, limit=args.limit,
-                      threads=args.threads, tokens=args.validate_tokens)
+                      threads=args.threads, tokens=args.validate_tokens, thresholds=threshold_overrides(args),
+                      verify=args.verify)
     print(format_report(report))
     if args.json:
         print(f"report saved to {write_report(report, args.json)}")
     if args.plot:
         print(f"plot saved to {plot_zeroshot(report, args.plot)}")
+    if not report["verdict"]["passed"]:
+        print(f"error: {verdict_line(report)}", file=sys.stderr)
+        return 1
     return 0

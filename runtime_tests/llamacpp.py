@@ -17,12 +17,48 @@ class LlamaCppError(RuntimeError):
     pass
 
 
+_LOG: list[str] = []  # llama.cpp's recent log lines: the reason of a failed load, for our one-line error
+_LOG_CALLBACK = None  # the ctypes callback, kept alive while llama.cpp holds it
+
+
 def _llama_cpp():
+    global _LOG_CALLBACK
     try:
         import llama_cpp
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ImportError("running GGUF files needs llama-cpp-python: pip install 'paretoq-export[llamacpp]'") from exc
+    if _LOG_CALLBACK is None:
+        import ctypes
+
+        # llama.cpp writes warnings ("n_ctx_seq > n_ctx_train") and load failures straight to stderr whatever
+        # verbose says; keep them for error messages instead
+        @llama_cpp.llama_log_callback
+        def keep(level: int, text: bytes, user_data) -> None:
+            _LOG.append(text.decode("utf-8", "replace").strip())
+            del _LOG[:-20]
+
+        _LOG_CALLBACK = keep
+        llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
     return llama_cpp
+
+
+def _load_failure() -> str:
+    reasons = [line for line in _LOG if "error" in line.lower() or "fail" in line.lower()]
+    return "; ".join(reasons[-2:])
+
+
+def tokenize_with_vocab(path: str | os.PathLike, text: str) -> list[int]:
+    """The ids llama.cpp's tokenizer gives ``text`` from the GGUF's embedded vocabulary (no BOS, special tokens as
+    text): what llama-cli feeds the model for a prompt."""
+    llama_cpp = _llama_cpp()
+    try:
+        vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    except ValueError as exc:
+        raise LlamaCppError(f"llama.cpp could not load the vocabulary of {path}: {exc} {_load_failure()}") from exc
+    try:
+        return [int(t) for t in vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False)]
+    finally:
+        vocab.close()
 
 
 class LlamaCppRunner:
@@ -43,7 +79,7 @@ class LlamaCppRunner:
                 **kv,
             )
         except ValueError as exc:
-            raise LlamaCppError(f"llama.cpp could not load {path}: {exc}") from exc
+            raise LlamaCppError(f"llama.cpp could not load {path}: {exc} {_load_failure()}") from exc
         self.path, self.n_threads, self.n_ctx, self.logits_all = path, n_threads, n_ctx, logits_all
 
     @property

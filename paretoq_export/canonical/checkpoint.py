@@ -92,13 +92,42 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+HASH_KEYS = ("weights_sha256", "config_sha256")
+
+
+def config_sha256(config: dict) -> str:
+    """sha256 of config.json's content (quantization_config included, its hash fields excluded), as JSON with
+    sorted keys: an edited hidden_size or rms_norm_eps is as corrupt as a flipped weight byte."""
+    qconfig = {k: v for k, v in config.get("quantization_config", {}).items() if k not in HASH_KEYS}
+    canonical = json.dumps(dict(config, quantization_config=qconfig), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _verify_integrity(path: Path, config: dict, weights: Path) -> None:
+    qconfig = config["quantization_config"]
+    if not all(isinstance(qconfig.get(k), str) for k in HASH_KEYS):
+        raise CheckpointError(f"{path} has no integrity data (quantization_config lacks {' / '.join(HASH_KEYS)}): "
+                              "re-create the checkpoint, or pass --no-verify to load it unchecked")
+    if qconfig["config_sha256"] != config_sha256(config):
+        raise CheckpointError(f"{path / CONFIG_FILE} was edited or is corrupt (sha256 differs from the one recorded "
+                              "at save): re-create the checkpoint, or pass --no-verify to load it unchecked")
+    if qconfig["weights_sha256"] != _sha256(weights):
+        raise CheckpointError(f"{weights} is corrupt (sha256 differs from config.json): re-create the checkpoint")
+
+
+def checkpoint_keeps(name: str) -> bool:
+    """Whether a file beside the weights belongs in a checkpoint (and in what is exported from it): tokenizer and
+    generation files, never code (a ``tokenization_*.py`` would run in whoever loads the folder) or hidden files."""
+    return not name.startswith(".") and not name.endswith((".py", ".pyc")) and name not in (CONFIG_FILE, WEIGHTS_FILE)
+
+
 def saved_tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
     """The files ``tokenizer.save_pretrained`` writes, by name (what a checkpoint keeps beside its weights)."""
     if tokenizer is None:
         return {}
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file() and checkpoint_keeps(p.name)}
 
 
 def to_float_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -187,16 +216,52 @@ class QuantizedCheckpoint:
                 tensors[f"{base}.scales"] = q.scale.to(torch.float16).contiguous()
             save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", "quant_method": QUANT_METHOD})
             for name, data in self.tokenizer_files.items():
-                (tmp / name).write_bytes(data)
+                if checkpoint_keeps(name):
+                    (tmp / name).write_bytes(data)
             qconfig = self.quantization_config()
             qconfig["weights_sha256"] = _sha256(tmp / WEIGHTS_FILE)
-            config = dict(self.config, quantization_config=qconfig)
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+            # hashed as it reads back (default=str turns odd values into strings)
+            config = json.loads(json.dumps(dict(self.config, quantization_config=qconfig), default=str))
+            config["quantization_config"]["config_sha256"] = config_sha256(config)
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, verify: bool = True) -> "QuantizedCheckpoint":
+        """Read a checkpoint; every way it can be damaged is one CheckpointError line. ``verify``: refuse it unless
+        config.json and the weights match the sha256 recorded at save (``--no-verify`` turns that off)."""
         path = Path(path)
+        try:
+            ckpt = cls._read(path, verify)
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:  # a malformed config.json
+            raise CheckpointError(f"{path / CONFIG_FILE} is malformed ({type(exc).__name__}: {exc}): re-create the "
+                                  "checkpoint") from exc
+        ckpt.check_config_matches_tensors(path)
+        return ckpt
+
+    def check_config_matches_tensors(self, where: str | os.PathLike = "the checkpoint") -> None:
+        """Every tensor has the shape the config's model expects (a model built on the meta device, no memory):
+        an edited hidden_size fails here, in one line, before anything is written."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        try:
+            config = AutoConfig.for_model(**self.config)
+            with torch.device("meta"):
+                expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{where}: config.json does not describe a model transformers can build ({exc}): "
+                                  "re-create the checkpoint") from exc
+        held = {k: tuple(t.shape) for k, t in self.tensors.items()}
+        held.update({k: q.shape for k, q in self.quantized.items()})
+        for name, shape in held.items():
+            if name in expected and expected[name] != shape:
+                raise CheckpointError(f"{where}: tensor {name} is {list(shape)} but config.json describes "
+                                      f"{list(expected[name])}: config and weights disagree, re-create the checkpoint")
+
+    @classmethod
+    def _read(cls, path: Path, verify: bool) -> "QuantizedCheckpoint":
         if not (path / CONFIG_FILE).is_file():
             raise CheckpointError(
                 f"{path} is not a paretoq checkpoint (no {CONFIG_FILE}): make one with `paretoq-export quantize` "
@@ -204,18 +269,29 @@ class QuantizedCheckpoint:
             )
         try:
             config = json.loads((path / CONFIG_FILE).read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path / CONFIG_FILE} is corrupt ({exc}): re-create the checkpoint") from exc
-        qconfig = config.pop("quantization_config", None)
-        if not qconfig or qconfig.get("quant_method") != QUANT_METHOD:
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path / CONFIG_FILE} holds a {type(config).__name__}, not a config object: "
+                                  "re-create the checkpoint")
+        qconfig = config.get("quantization_config")
+        if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD:
             raise CheckpointError(f"{path} has no paretoq quantization_config: it is a float model, quantize it first")
-        if qconfig.get("format_version", 0) > FORMAT_VERSION:
+        if not isinstance(qconfig.get("format_version", 0), int) or qconfig.get("format_version", 0) > FORMAT_VERSION:
             raise CheckpointError(f"{path} uses checkpoint format {qconfig['format_version']}: upgrade paretoq-export")
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
             raise CheckpointError(f"{weights} is missing: the checkpoint is half-written, re-create it")
-        if verify and qconfig.get("weights_sha256") not in (None, _sha256(weights)):
-            raise CheckpointError(f"{weights} is corrupt (sha256 differs from config.json): re-create the checkpoint")
+        if verify:
+            _verify_integrity(path, config, weights)
+        config.pop("quantization_config")
+        if not isinstance(qconfig.get("modules"), dict):
+            raise CheckpointError(f"{path / CONFIG_FILE}: quantization_config lacks its modules table: re-create the "
+                                  "checkpoint")
+        unknown = sorted({str(i.get("grid")) for i in qconfig["modules"].values() if i.get("grid") not in GRIDS})
+        if unknown:
+            raise CheckpointError(f"{path / CONFIG_FILE} names unknown grid(s) {', '.join(unknown)} (known: "
+                                  f"{', '.join(GRIDS)}): re-create the checkpoint or upgrade paretoq-export")
         try:
             raw = load_file(weights)
         except (SafetensorError, OSError) as exc:
@@ -241,9 +317,7 @@ class QuantizedCheckpoint:
             if grid.n_codes < 2**grid.code_bits and codes.max(initial=0) >= grid.n_codes:
                 raise CheckpointError(f"{base}: code {codes.max()} is outside the {grid.name} grid: corrupt checkpoint")
             quantized[f"{base}.weight"] = QuantizedTensor(torch.from_numpy(codes), scale.to(torch.float16), grid)
-        tokenizer_files = {
-            p.name: p.read_bytes() for p in path.iterdir() if p.is_file() and p.name not in (CONFIG_FILE, WEIGHTS_FILE)
-        }
+        tokenizer_files = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file() and checkpoint_keeps(p.name)}
         return cls(config, quantized, raw, tokenizer_files, qconfig.get("recipe", {}))
 
     def load_tokenizer(self):
@@ -255,7 +329,14 @@ class QuantizedCheckpoint:
         with tempfile.TemporaryDirectory() as tmp:
             for name, data in self.tokenizer_files.items():
                 (Path(tmp) / name).write_bytes(data)
-            return AutoTokenizer.from_pretrained(tmp)
+            try:  # never the tokenizer's own code (checkpoints keep none; an auto_map alone must not prompt)
+                return AutoTokenizer.from_pretrained(tmp, trust_remote_code=False)
+            except (ValueError, OSError, KeyError, TypeError) as exc:
+                needs_code = "custom code" in str(exc)
+                reason = ("they name their own code (auto_map), which never runs from a checkpoint" if needs_code
+                          else " ".join(str(exc).split())[:200])
+                raise CheckpointError(f"the checkpoint's tokenizer files do not load ({reason}): re-create the "
+                                      "checkpoint from a model with a standard tokenizer") from exc
 
     def nbytes(self) -> dict[str, int]:
         """Packed code bytes, step bytes and float-tensor bytes (what the file holds, headers aside)."""

@@ -2,6 +2,12 @@
 below 1B parameters) validate it in its runtime with the one validation every command runs (formats.validation);
 the report lands beside the file (``<file>.validation.json``; inside an ONNX folder ``validation.json``).
 
+``-o`` means the same for every format: an existing folder (other than an ONNX folder itself), or a path ending
+in ``/``, gets the format's default name inside it; any other path is the output itself. The export is written, read back and (where on) validated
+in a hidden staging folder beside the output (``.<name>.partial-<pid>-XXXX``) and moved to its final name only
+when all of that passed, so a file at the final name is always whole and checked; a run killed midway leaves only
+the staging folder, which the next run removes.
+
 Every format in formats.registry is a subcommand with its own options; ``--format FORMAT`` is the shortcut
 (``paretoq-export --format gguf CKPT`` is ``paretoq-export export gguf CKPT``).
 """
@@ -10,11 +16,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from formats.registry import FORMATS, format_named
 from paretoq_export.arguments import add_output_arguments, add_validation_text_arguments
+from paretoq_export.validate import add_threshold_arguments, add_verify_argument, threshold_overrides
 
 HELP = f"write a runtime file from a checkpoint: {' | '.join(FORMATS)} (or --format NAME)"
 
@@ -32,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"check {fmt.validation_checks} (default: on below 1B params)")
         p.add_argument("--no-validate", dest="validate", action="store_false")
         add_validation_text_arguments(p, f"{fmt.runtime} threads for validation")
+        add_threshold_arguments(p)
+        add_verify_argument(p)
 
 
 def shortcut(argv: list[str]) -> list[str]:
@@ -45,44 +57,125 @@ def shortcut(argv: list[str]) -> list[str]:
     return argv
 
 
+def final_output(fmt, output: str | None, checkpoint_dir: Path, checkpoint, options) -> Path:
+    """Where the export goes: -o itself, or the format's default name inside an existing folder / a path ending
+    in a slash / (no -o) the checkpoint's parent folder."""
+    if output is None:
+        return Path(checkpoint_dir).resolve().parent / fmt.default_name(checkpoint, options)
+    if output.endswith(("/", os.sep)) or (Path(output).is_dir() and not _is_artifact(fmt, Path(output))):
+        return Path(output) / fmt.default_name(checkpoint, options)
+    return Path(output)
+
+
+def _is_artifact(fmt, path: Path) -> bool:
+    """An existing folder that is itself an export of a folder format (an ONNX folder): -o names it, not a place
+    to put one in (replacing it takes --overwrite)."""
+    try:
+        return fmt.detect(path) is not None
+    except ValueError:  # a damaged one is one too
+        return True
+
+
 def run(args: argparse.Namespace) -> int:
-    from formats.validation import report_path, validate_artifact, write_report
+    from paretoq_export.canonical.atomic import OutputError, check_output, publish, remove_stale_siblings
     from paretoq_export.canonical.checkpoint import QuantizedCheckpoint
-    from paretoq_export.validation_text import ValidationTextError, validate_by_default, validation_token_ids
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     fmt = format_named(args.format)
-    ckpt = QuantizedCheckpoint.load(args.checkpoint)
+    if args.output is not None:  # an unwritable place fails before the checkpoint is read
+        folder_given = args.output.endswith(("/", os.sep)) or (Path(args.output).is_dir()
+                                                               and not _is_artifact(fmt, Path(args.output)))
+        check_output(Path(args.output) / "x" if folder_given else args.output, overwrite=True, folder=not fmt.suffix)
+    ckpt = QuantizedCheckpoint.load(args.checkpoint, verify=args.verify)
+    ckpt.load_tokenizer()  # a tokenizer that needs its own code fails here, in one line, before any work
     options = fmt.options_from_args(args)
-    output = args.output or fmt.default_output(Path(args.checkpoint), ckpt, options)
-    artifact = fmt.export(ckpt, output, options)
-    print("\n".join(artifact.summary))
-
-    if not (args.validate if args.validate is not None else validate_by_default(ckpt)):
+    output = final_output(fmt, args.output, Path(args.checkpoint), ckpt, options)
+    folder = not fmt.suffix
+    check_output(output, args.overwrite, folder=folder)
+    if not folder and output.suffix != fmt.suffix:
+        raise OutputError(f"output {output} does not end in {fmt.suffix}: name the file model{fmt.suffix}, or give "
+                          "a folder (an existing one or a path ending in /)")
+    created = [d for d in (output.parent, *output.parent.parents) if not d.exists()]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(output)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{os.getpid()}-", dir=output.parent))
+    published = False
+    try:
+        try:
+            _export_staged(args, fmt, ckpt, options, staging / output.name, output)
+        except ValidationFailed as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        # beside files first (tokenizer.json of a .pte, the validation report), the artifact last: at its final
+        # name it is whole
+        for extra in sorted(p for p in staging.iterdir() if p.name != output.name):
+            target = output.parent / extra.name
+            ours = extra.name.startswith(output.name)  # <file>.validation.json: belongs to this export
+            if target.exists() and not args.overwrite and not ours and not (
+                    target.is_file() and target.read_bytes() == extra.read_bytes()):
+                raise OutputError(f"{target} exists and differs from the one this export writes: pass --overwrite or "
+                                  "choose another -o")
+            publish(extra, target)
+        publish(staging / output.name, output)
+        published = True
         return 0
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in created if not published else ():  # a failed export leaves no empty folder behind
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def _export_staged(args: argparse.Namespace, fmt, ckpt, options, staged: Path, output: Path) -> None:
+    """Export to ``staged``, then read back and validate it there; ValidationFailed when the thresholds fail."""
+    from formats.validation import readback, report_path, thresholds_for, validate_artifact, verdict_line, write_report
+    from paretoq_export.validation_text import (
+        ValidationTextError, validate_by_default, validation_text, validation_token_ids,
+    )
+
+    artifact = fmt.export(ckpt, staged, options)
+    print("\n".join(line.replace(str(staged.parent), str(output.parent)) for line in artifact.summary))
+    if not (args.validate if args.validate is not None else validate_by_default(ckpt)):
+        readback(fmt, artifact.path, ckpt)  # never publish a file that does not hold the checkpoint
+        return
     if artifact.cannot_run_here:
         print(f"validation skipped: {artifact.cannot_run_here}", file=sys.stderr)
-        return 0
+        return
     try:
         ids = validation_token_ids(ckpt, args.text, fmt.validation_tokens(artifact, args.validate_tokens))
     except ValidationTextError as exc:
         print(f"validation skipped: {exc}", file=sys.stderr)
-        return 0
-    report = validate_artifact(artifact.path, ckpt, ids, threads=args.threads, progress=False)
+        readback(fmt, artifact.path, ckpt)
+        return
+    thresholds = thresholds_for(fmt.name, **threshold_overrides(args))
+    report = validate_artifact(artifact.path, ckpt, ids, threads=args.threads, progress=False, thresholds=thresholds,
+                               text=validation_text(args.text))
     report["checkpoint"] = str(args.checkpoint)
+    report["artifact"] = str(output)
     print(summary(report))
-    print(f"validation saved to {write_report(report, report_path(artifact.path))}")
-    return 0
+    if not report["verdict"]["passed"]:
+        raise ValidationFailed(verdict_line(report) + f"; nothing was written at {output}")
+    saved = write_report(report, report_path(artifact.path))
+    print(f"validation saved to {output.parent / saved.relative_to(staged.parent)}")
+
+
+class ValidationFailed(ValueError):
+    """The export ran, but its validation failed the thresholds: nothing is published."""
 
 
 def summary(report: dict) -> str:
     """The validation report in a few lines (the `validate` command prints the full table)."""
     rb, m = report["readback"], report["metrics"]
+    tok = report.get("tokenizer")
     lines = [f"read-back: {rb['exact']}/{rb['checked']} tensors bit-exact"
              + (f", not exact: {len(rb['mismatches'])}" if rb["mismatches"] else ""),
              f"{report['runtime']['runtime']} vs PyTorch on {m['tokens']} tokens: mean KL {m['kl_mean']:.2e}, top-1 "
              f"{m['top1']:.1%} (clear margin {m['top1_clear_margin']:.1%}), PPL {m['ppl_artifact']:.3f} vs "
              f"{m['ppl_reference']:.3f} (ratio {m['ppl_ratio']:.4f})"]
+    if tok:
+        lines.append(f"tokenizer: the artifact's own gives the same ids as transformers on {tok['tokens']} tokens"
+                     if tok["equal"] else f"tokenizer: the artifact's own DIFFERS from transformers at "
+                                          f"{tok['first_difference']}")
     generation = report["checks"].get("generation")
     if generation:
         lines.append(f"generation: {generation['new_tokens']} greedy tokens with KV cache "

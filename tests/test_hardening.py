@@ -1,0 +1,433 @@
+"""Hardening, tried as an adversarial user would: no foreign code runs, nothing valid-looking is left behind, every
+failure is one line, validation can fail. One section per item of the hardening issue, then the damage property
+test, kill -9 mid-export, and the README's -o examples run verbatim."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import random
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from paretoq_export.canonical.checkpoint import CheckpointError, QuantizedCheckpoint
+from paretoq_export.cli import main
+from tiny_models import save_tiny_model_dir, tiny_model, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTIAL = re.compile(r"\.(partial|old)-")
+
+
+def tiny_checkpoint():
+    from qat.checkpoint_io import QATCheckpoint
+    from qat.prepare import QATConfig, prepare
+
+    return QATCheckpoint.from_qat_model(prepare(tiny_model("llama"), QATConfig(bits=2)), tiny_tokenizer(),
+                                        recipe={"method": "rtn"})
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory) -> Path:
+    return tiny_checkpoint().save(tmp_path_factory.mktemp("ck") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory, ckpt_dir) -> Path:
+    pytest.importorskip("llama_cpp")
+    out = tmp_path_factory.mktemp("gguf") / "m.gguf"
+    assert main(["--format", "gguf", str(ckpt_dir), "-o", str(out), "--no-validate"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def onnx_folder(tmp_path_factory, ckpt_dir) -> Path:
+    pytest.importorskip("onnxruntime")
+    out = tmp_path_factory.mktemp("onnx") / "m"
+    assert main(["--format", "onnx", str(ckpt_dir), "-o", str(out), "--no-validate", "--accuracy-level", "0"]) == 0
+    return out
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, list[str]]:
+    capsys.readouterr()  # what set-up printed (progress bars) is not the command's
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err.strip().splitlines()
+
+
+def assert_one_error(code: int, err: list[str], *needles: str) -> None:
+    assert code == 2, (code, err)
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in err[0], err
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_config(ckpt: Path, edit) -> None:
+    path = ckpt / "config.json"
+    config = json.loads(path.read_text())
+    config = edit(config) or config
+    path.write_text(json.dumps(config))
+
+
+def litter(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if PARTIAL.search(p.name))
+
+
+# ----------------------------------------------------------------------------- 1. code from a checkpoint runs
+def add_tokenizer_code(folder: Path, marker: Path) -> None:
+    """An auto_map in tokenizer_config.json and the tokenization_*.py it names, which leaves ``marker`` if run."""
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(auto_map={"AutoTokenizer": [None, "tokenization_evil.EvilTokenizer"]}, tokenizer_class="EvilTokenizer")
+    config_path.write_text(json.dumps(config))
+    (folder / "tokenization_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n\n\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+
+
+def test_model_tokenizer_code_needs_the_flag(tmp_path, capsys, monkeypatch):
+    model = save_tiny_model_dir(tmp_path / "model")
+    marker = tmp_path / "ran"
+    add_tokenizer_code(model, marker)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))  # a prompt would read this "y" and run the code
+    code, _, err = run_cli(capsys, "quantize", "--model", model, "--bits", "2", "-o", tmp_path / "ck")
+    assert_one_error(code, err, "tokenization_evil.py", "--trust-remote-code")
+    assert not marker.exists() and not (tmp_path / "ck").exists()
+
+
+def test_checkpoint_code_never_runs_and_is_never_copied(tmp_path, capsys, monkeypatch, ckpt_dir):
+    pytest.importorskip("onnxruntime")
+    plain = copy_checkpoint(ckpt_dir, tmp_path / "plain")
+    (plain / "tokenization_extra.py").write_text("raise SystemExit('must never be imported')\n")
+    ckpt = QuantizedCheckpoint.load(plain)
+    assert not any(name.endswith(".py") for name in ckpt.tokenizer_files)
+    assert ckpt.save(tmp_path / "resaved") and not list((tmp_path / "resaved").glob("*.py"))
+    assert main(["--format", "onnx", str(plain), "-o", str(tmp_path / "onnx"), "--no-validate"]) == 0
+    assert not list((tmp_path / "onnx").glob("*.py"))
+
+    evil = copy_checkpoint(ckpt_dir, tmp_path / "evil")
+    marker = tmp_path / "ran"
+    add_tokenizer_code(evil, marker)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))
+    capsys.readouterr()
+    for fmt in ("gguf", "onnx"):
+        out = tmp_path / f"out-{fmt}"
+        code, _, err = run_cli(capsys, "--format", fmt, evil, "-o", f"{out}/")
+        assert_one_error(code, err, "tokenizer")
+        assert not marker.exists() and not out.exists()
+
+
+# ----------------------------------------------------------------------------- 2. valid-looking wrong files
+def test_edited_config_is_refused_before_writing(tmp_path, capsys, ckpt_dir):
+    ckpt = copy_checkpoint(ckpt_dir, tmp_path / "ck")
+    edit_config(ckpt, lambda c: c.update(hidden_size=128))
+    for fmt in ("gguf", "onnx"):
+        code, _, err = run_cli(capsys, "--format", fmt, ckpt, "-o", tmp_path / f"out-{fmt}")
+        assert_one_error(code, err, "config.json was edited", "--no-verify")
+        assert not (tmp_path / f"out-{fmt}").exists()
+    # unchecked, the disagreement between config and tensors is still one line before anything is written
+    code, _, err = run_cli(capsys, "--format", "gguf", ckpt, "-o", tmp_path / "m.gguf", "--no-verify")
+    assert_one_error(code, err, "config and weights disagree")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_checkpoint_without_integrity_data_needs_no_verify(tmp_path, capsys, ckpt_dir):
+    ckpt = copy_checkpoint(ckpt_dir, tmp_path / "ck")
+    def drop_hashes(config: dict) -> None:
+        for key in ("weights_sha256", "config_sha256"):
+            config["quantization_config"].pop(key)
+
+    edit_config(ckpt, drop_hashes)
+    with pytest.raises(CheckpointError, match="no integrity data.*--no-verify"):
+        QuantizedCheckpoint.load(ckpt)
+    assert QuantizedCheckpoint.load(ckpt, verify=False).quantized
+
+
+def other_eps_checkpoint(ckpt_dir: Path, dst: Path) -> Path:
+    """The same tensors saved under a config with another rms_norm_eps: a consistent checkpoint of another model."""
+    ckpt = QuantizedCheckpoint.load(ckpt_dir)
+    ckpt.config["rms_norm_eps"] = 0.5
+    return ckpt.save(dst)
+
+
+def test_validate_fails_on_a_wrong_model(tmp_path, capsys, ckpt_dir, gguf_file):
+    other = other_eps_checkpoint(ckpt_dir, tmp_path / "other")
+    report = tmp_path / "r.json"
+    code, out, err = run_cli(capsys, "validate", gguf_file, "--checkpoint", other, "--text", __file__,
+                             "--validate-tokens", "96", "--json", report)
+    assert code == 1 and len(err) == 1 and err[0].startswith("error: validation failed:"), err
+    verdict = json.loads(report.read_text())["verdict"]
+    assert not verdict["passed"] and verdict["failures"] and "FAIL" in out
+    code, _, err = run_cli(capsys, "validate", gguf_file, "--checkpoint", ckpt_dir, "--text", __file__,
+                           "--validate-tokens", "96")
+    assert code == 0 and err == [], err
+
+
+def test_export_that_fails_validation_is_not_published(tmp_path, capsys, ckpt_dir):
+    pytest.importorskip("llama_cpp")
+    out = tmp_path / "m.gguf"
+    code, _, err = run_cli(capsys, "--format", "gguf", ckpt_dir, "-o", out, "--text", __file__, "--validate-tokens",
+                           "96", "--min-top1", "1.01")
+    assert code == 1 and len(err) == 1 and "validation failed" in err[0] and "nothing was written" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- 3. cheap checks first
+def test_output_that_cannot_be_written_fails_before_loading(tmp_path, capsys):
+    model = save_tiny_model_dir(tmp_path / "model")
+    (model / "model.safetensors").write_bytes(b"not weights: loading them would fail differently")
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run_cli(capsys, "quantize", "--model", model, "--bits", "2", "-o", tmp_path / "afile" / "ck")
+    assert_one_error(code, err, "is a file, not a folder")
+    code, _, err = run_cli(capsys, "export", "gguf", tmp_path / "no-checkpoint", "-o", tmp_path / "afile" / "m.gguf")
+    assert_one_error(code, err, "is a file, not a folder")
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        code, _, err = run_cli(capsys, "quantize", "--model", model, "--bits", "2", "-o", locked / "ck")
+        assert_one_error(code, err, "no write permission")
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "phi3", "gemma2", "gpt2"])
+def test_unsupported_architecture_refused_before_loading(tmp_path, capsys, model_type):
+    from transformers import AutoConfig
+
+    model = tmp_path / "model"
+    model.mkdir()
+    config = AutoConfig.for_model(model_type).to_dict()
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "model.safetensors").write_bytes(b"never read")
+    code, _, err = run_cli(capsys, "quantize", "--model", model, "--bits", "2", "-o", tmp_path / "ck")
+    assert_one_error(code, err, "cannot be exported", "LlamaForCausalLM", "Qwen3ForCausalLM")
+    assert "--target-modules" not in err[0] and not (tmp_path / "ck").exists()
+
+
+# ----------------------------------------------------------------------------- 4. one line, never a traceback
+@pytest.mark.parametrize("damage, needle", [
+    (lambda c: [c], "holds a list"),
+    (lambda c: c["quantization_config"].pop("modules") and None, "lacks its modules table"),
+    (lambda c: next(iter(c["quantization_config"]["modules"].values())).update(grid="seq9"), "unknown grid"),
+    (lambda c: c["quantization_config"].update(modules=[1, 2]), "lacks its modules table"),
+])
+def test_malformed_config_is_one_line(tmp_path, capsys, ckpt_dir, damage, needle):
+    ckpt = copy_checkpoint(ckpt_dir, tmp_path / "ck")
+    edit_config(ckpt, damage)
+    code, _, err = run_cli(capsys, "--format", "gguf", ckpt, "-o", tmp_path / "m.gguf", "--no-verify")
+    assert_one_error(code, err, needle)
+
+
+def test_damaged_artifacts_are_one_line(tmp_path, capsys, ckpt_dir, gguf_file, onnx_folder):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(gguf_file.read_bytes()[:40])  # inside the header
+    code, _, err = run_cli(capsys, "validate", cut, "--checkpoint", ckpt_dir)
+    assert_one_error(code, err, "cut.gguf")
+    onnx = shutil.copytree(onnx_folder, tmp_path / "onnx")
+    (onnx / "model.onnx").write_bytes((onnx / "model.onnx").read_bytes()[:5000])
+    code, _, err = run_cli(capsys, "validate", onnx, "--checkpoint", ckpt_dir)
+    assert_one_error(code, err, "damaged or truncated", "re-export")
+
+
+def test_refused_pickle_is_one_line(tmp_path, capsys):
+    model = save_tiny_model_dir(tmp_path / "model")
+    state = tiny_model("llama").state_dict()
+    (model / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(model / "pytorch_model.bin", "wb") as fh:
+        pickle.dump({"state": state, "payload": Payload()}, fh)
+    code, _, err = run_cli(capsys, "quantize", "--model", model, "--bits", "2", "-o", tmp_path / "ck")
+    assert_one_error(code, err, "pytorch_model.bin")
+    assert not marker.exists() and not (tmp_path / "ck").exists()
+
+
+def test_no_import_noise_and_debug_shows_the_traceback(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    argv = [sys.executable, "-m", "paretoq_export.cli", "export", "gguf", str(tmp_path / "none"), "-o",
+            str(tmp_path / "m.gguf")]
+    plain = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert plain.returncode == 2 and plain.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'none'} is not a paretoq checkpoint (no config.json): make one with "
+        "`paretoq-export quantize` or `paretoq-export qat`"], plain.stderr
+    debug = subprocess.run(argv + ["--debug"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+# ----------------------------------------------------------------------------- 5. litter and surprises
+def test_output_forms_are_the_same_for_every_format(tmp_path, capsys, ckpt_dir):
+    pytest.importorskip("onnxruntime")
+    for fmt, suffix in (("gguf", ".gguf"), ("onnx", "")):
+        new_dir = tmp_path / f"new-{fmt}"
+        assert main(["--format", fmt, str(ckpt_dir), "-o", f"{new_dir}/", "--no-validate"]) == 0
+        (made,) = [p for p in new_dir.iterdir()]
+        assert made.name.startswith("model-") and made.name.endswith(suffix) and made.name != new_dir.name
+        again = main(["--format", fmt, str(ckpt_dir), "-o", str(new_dir), "--no-validate"])  # existing: same name
+        assert again == 2 and "exists" in capsys.readouterr().err
+        assert main(["--format", fmt, str(ckpt_dir), "-o", str(new_dir), "--no-validate", "--overwrite"]) == 0
+        if not suffix:  # an ONNX folder given by its own name is the output, not a place for one
+            assert main(["--format", fmt, str(ckpt_dir), "-o", str(made), "--no-validate"]) == 2
+            assert "exists" in capsys.readouterr().err
+        assert [p.name for p in new_dir.iterdir()] == [made.name] and litter(tmp_path) == []
+    code, _, err = run_cli(capsys, "--format", "gguf", ckpt_dir, "-o", tmp_path / "m.bin", "--no-validate")
+    assert_one_error(code, err, "does not end in .gguf")
+
+
+def test_stale_partials_of_killed_runs_are_removed(tmp_path, capsys, ckpt_dir):
+    pytest.importorskip("llama_cpp")
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    stale = [f".m.gguf.partial-{dead}-abc", ".m.gguf.partial-x1y2", f".m.gguf.old-{dead}"]
+    for name in stale[:2]:
+        (tmp_path / name).write_bytes(b"half")
+    (tmp_path / stale[2]).mkdir()
+    live = tmp_path / f".m.gguf.partial-{os.getpid()}-zz"  # a running export's: kept
+    live.write_bytes(b"in progress")
+    assert main(["--format", "gguf", str(ckpt_dir), "-o", str(tmp_path / "m.gguf"), "--no-validate"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "m.gguf"])
+    # --overwrite over a file leaves no .old sibling either
+    assert main(["--format", "gguf", str(ckpt_dir), "-o", str(tmp_path / "m.gguf"), "--no-validate",
+                 "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "m.gguf"])
+
+
+def test_checkpoint_files_have_umask_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = tiny_checkpoint().save(tmp_path / "ck")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in path.iterdir()}
+    assert set(modes.values()) == {0o644}, modes
+
+
+# ----------------------------------------------------------------------------- damage property test
+def damaged(data: bytes, rng: random.Random, protect: int = 0) -> bytes:
+    """Truncated at a random point, or 1-4 bytes flipped (after the first ``protect`` bytes)."""
+    if rng.random() < 0.4:
+        return data[: rng.randrange(0, len(data))]
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        i = rng.randrange(protect, len(out))
+        out[i] ^= rng.randrange(1, 256)
+    return bytes(out)
+
+
+def test_damaged_files_exit_2_with_one_line(tmp_path, capsys, ckpt_dir, gguf_file, onnx_folder):
+    """Random truncations and byte flips of checkpoints, GGUF files and ONNX folders: exit 2 with one error line,
+    never a traceback and never an output at its final name; or, where the damage is harmless (a flipped byte of
+    a doc string), a validation that passed on a file still bit-exact."""
+    rng = random.Random(13)
+    cases = ([("ckpt", name) for name in ("config.json", "model.safetensors") for _ in range(3)]
+             + [("gguf", "m.gguf")] * 7 + [("onnx", "model.onnx")] * 7)
+    for i, (kind, name) in enumerate(cases):
+        case = tmp_path / f"case{i}"
+        case.mkdir()
+        if kind == "ckpt":
+            target = copy_checkpoint(ckpt_dir, case / "ck")
+            (target / name).write_bytes(damaged((target / name).read_bytes(), rng))
+            out = case / "m.gguf"
+            code = main(["--format", "gguf", str(target), "-o", str(out)])
+            assert not out.exists()
+        else:
+            target = (shutil.copy(gguf_file, case / name) if kind == "gguf"
+                      else shutil.copytree(onnx_folder, case / "onnx"))
+            file = Path(target) if kind == "gguf" else Path(target) / name
+            file.write_bytes(damaged(file.read_bytes(), rng))
+            report = case / "r.json"
+            code = main(["validate", str(target), "--checkpoint", str(ckpt_dir), "--text", __file__,
+                         "--validate-tokens", "48", "--json", str(report)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "Traceback" not in "\n".join(err)
+        if code == 0:  # only harmless damage may pass: every tensor still bit-exact, every threshold met
+            result = json.loads(report.read_text())
+            assert kind != "ckpt" and result["verdict"]["passed"], (kind, err)
+            assert result["readback"]["exact"] == result["readback"]["checked"] > 0
+        else:
+            assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (kind, i, code, err)
+        assert litter(case) == []
+
+
+# ----------------------------------------------------------------------------- kill -9 mid-export
+def complete_gguf(path: Path, ckpt_dir: Path) -> bool:
+    from formats.gguf_readback import verify_gguf_readback
+
+    return verify_gguf_readback(path, QuantizedCheckpoint.load(ckpt_dir))["exact"] > 0
+
+
+def complete_onnx(path: Path, ckpt_dir: Path) -> bool:
+    from formats.onnx_readback import verify_onnx_readback
+
+    return bool(verify_onnx_readback(path, QuantizedCheckpoint.load(ckpt_dir)))
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+def test_kill_9_leaves_absent_or_whole_and_the_next_run_cleans_up(tmp_path, ckpt_dir, fmt):
+    pytest.importorskip("llama_cpp" if fmt == "gguf" else "onnxruntime")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = tmp_path / ("m.gguf" if fmt == "gguf" else "m")
+    argv = [sys.executable, "-m", "paretoq_export.cli", "--format", fmt, str(ckpt_dir), "-o", str(out), "--text",
+            __file__, "--validate-tokens", "48", "--overwrite"]
+    complete = complete_gguf if fmt == "gguf" else complete_onnx
+    # before any output exists (imports), then at several points after the staging folder appeared: exporting,
+    # reading back, validating
+    for after_partial in (None, 0.0, 1.0, 2.5):
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if after_partial is None:
+            time.sleep(1.0)
+        else:
+            deadline = time.monotonic() + 120
+            while (not any(f"partial-{proc.pid}-" in name for name in litter(tmp_path)) and proc.poll() is None
+                   and time.monotonic() < deadline):
+                time.sleep(0.05)
+            time.sleep(after_partial)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not out.exists() or complete(out, ckpt_dir), after_partial
+        if after_partial == 0.0:
+            assert any(f"partial-{proc.pid}-" in n for n in litter(tmp_path)), "the kill left no staging folder"
+    assert subprocess.run(argv, env=env, capture_output=True).returncode == 0
+    assert complete(out, ckpt_dir) and litter(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- README examples, verbatim
+def readme_commands(pattern: str) -> list[str]:
+    lines = [line.split("#", 1)[0].strip() for line in (ROOT / "README.md").read_text().splitlines()]
+    return [line for line in lines if line.startswith("paretoq-export") and re.search(pattern, line)]
+
+
+@pytest.mark.parametrize("command", readme_commands(r"--format (gguf|onnx) ckpt-qat2 .*-o|export gguf ckpt-qat2 -o"))
+def test_readme_output_examples_run_verbatim(tmp_path, monkeypatch, capsys, ckpt_dir, command):
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("onnxruntime")
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(ckpt_dir, tmp_path / "ckpt-qat2")
+    argv = shlex.split(command)[1:]
+    assert main(argv) == 0, capsys.readouterr().err
+    output = Path(argv[argv.index("-o") + 1])
+    assert output.exists() and litter(tmp_path) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", readme_commands(r"--format executorch ckpt-qat2 -o out/$"))
+def test_readme_executorch_example_runs_verbatim(tmp_path, monkeypatch, capsys, ckpt_dir, command):
+    pytest.importorskip("executorch")
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(ckpt_dir, tmp_path / "ckpt-qat2")
+    assert main(shlex.split(command)[1:]) == 0, capsys.readouterr().err
+    assert len(list((tmp_path / "out").glob("*.pte"))) == 1 and (tmp_path / "out" / "tokenizer.json").is_file()
