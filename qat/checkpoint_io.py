@@ -117,7 +117,7 @@ class QATCheckpoint(QuantizedCheckpoint):
         if not clip_keys:
             raise CheckpointError(
                 "no '*.weight_clip_val' tensors found: this is not a ParetoQ reference training checkpoint "
-                "(for weights already on the grid use --import on-grid)"
+                "(for weights already on the grid use `paretoq-export import --kind on-grid`)"
             )
         quantized = {}
         for clip_key in clip_keys:

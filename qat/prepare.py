@@ -131,10 +131,12 @@ def prepare(model: nn.Module, config: QATConfig) -> nn.Module:
         if type(module) is nn.Linear and name.split(".")[-1] in config.target_modules
     ]
     if not targets:
+        from paretoq_export.canonical.model_description import FAMILIES
+
         arch = type(model).__name__
         raise ValueError(
             f"no {'/'.join(config.target_modules)} linear layers found in {arch}: this architecture is not "
-            "supported yet; pass target module names that exist in the model (--target-modules)"
+            f"supported; supported are {', '.join(f.hf_class for f in FAMILIES.values())}"
         )
     tied = is_tied(model)
     emb_bits, head_bits = config.embedding_bits, config.lm_head_bits

@@ -513,3 +513,18 @@ def test_wrong_vocabulary_fails_validation_though_logits_agree(tmp_path, capsys,
     result = json.loads(report.read_text())
     assert code == 1 and "tokenizer gives other ids" in err[0], err
     assert result["metrics"]["kl_mean"] < 1e-4 and result["tokenizer"]["equal"] is False
+
+
+def test_messages_name_flags_that_exist(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from qat.prepare import QATConfig, prepare
+
+    model = save_tiny_model_dir(tmp_path / "model")
+    code, _, err = run_cli(capsys, "import", "--kind", "paretoq-reference", "--model", model, "--bits", "2", "-o",
+                           tmp_path / "ck")
+    assert_one_error(code, err, "import --kind on-grid")
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="supported are LlamaForCausalLM") as info:
+        prepare(gpt2, QATConfig(bits=2))
+    assert "--target-modules" not in str(info.value)
