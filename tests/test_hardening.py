@@ -241,6 +241,16 @@ def test_damaged_artifacts_are_one_line(tmp_path, capsys, ckpt_dir, gguf_file, o
     assert_one_error(code, err, "damaged or truncated", "re-export")
 
 
+def test_llama_cpp_refusing_a_file_is_one_line(tmp_path, capsys, ckpt_dir, gguf_file):
+    """Tensors intact (read-back passes), architecture renamed: llama.cpp refuses it, and says why in our line."""
+    data = gguf_file.read_bytes()
+    at = data.index(b"llama", data.index(b"general.architecture"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data[:at] + b"llamb" + data[at + 5:])
+    code, _, err = run_cli(capsys, "validate", bad, "--checkpoint", ckpt_dir, "--validate-tokens", "48")
+    assert_one_error(code, err, "llama.cpp could not load", "unknown model architecture", "re-export")
+
+
 def test_refused_pickle_is_one_line(tmp_path, capsys):
     model = save_tiny_model_dir(tmp_path / "model")
     state = tiny_model("llama").state_dict()
