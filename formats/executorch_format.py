@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from formats.protocol import ArtifactSummary, ExportedArtifact, ExportFormat
+from formats.protocol import ArtifactSummary, ExportedArtifact, ExportFormat, StoragePlacement
 
 class ExecuTorchFormat(ExportFormat):
     name = "executorch"
@@ -22,6 +22,16 @@ class ExecuTorchFormat(ExportFormat):
     suffix = ".pte"
     magic, magic_offset = b"ET", 4  # the flatbuffer file identifier (program.fbs: "ET12") after the root offset
     validation_checks = "ExecuTorch vs PyTorch logits and KV-cached decode"
+
+    # ------------------------------------------------------------------ storage (--target, x86 default)
+    def storage(self, row_length: int, bits: float, group_size: int | None, table: bool = False):
+        # XNNPACK on x86 runs linears at 4 or 8 bits: every grid in int4 with a bf16 scale per row or group
+        width = 8 if bits > 4 else 4
+        return StoragePlacement(bits, group_size, f"int{width}", width + 16.0 / (group_size or row_length))
+
+    def storage_plan(self, row_length: int, bits: float, table: bool = False):
+        # int4 per channel holds every grid up to 4 bits at the same bytes: train 4-bit, one step per row
+        return self.storage(row_length, 8.0 if bits > 4 else 4.0, None, table)
 
     # ------------------------------------------------------------------ export
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:

@@ -50,6 +50,16 @@ class GGUFFormat(ExportFormat):
             name=args.name, base_model=args.base_model, license=args.license, progress=None,
         )
 
+    def storage(self, row_length: int, bits: float, group_size: int | None, table: bool = False):
+        from formats.gguf_types import gguf_storage
+
+        return gguf_storage(row_length, bits, group_size, table)
+
+    def storage_plan(self, row_length: int, bits: float, table: bool = False):
+        from formats.gguf_types import gguf_storage_plan
+
+        return gguf_storage_plan(row_length, bits, table)
+
     def default_name(self, checkpoint, options: Any) -> str:
         from formats.gguf_metadata import default_filename
 

@@ -12,7 +12,8 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from formats.gguf_blocks import ENCODERS
+from formats.gguf_blocks import ENCODERS, QK_K
+from formats.protocol import StoragePlacement
 from paretoq_export.canonical.grids import Grid, format_bits
 
 
@@ -170,3 +171,32 @@ def _why_not(ggml_type: T, codes, step, grid: Grid, cols: int) -> str | None:
             return f"{cols} columns are not a multiple of the {ggml_type.name} block ({enc.block_size})"
         return None if enc.holds(grid) else f"{ggml_type.name} cannot represent the {grid.name} grid's levels"
     return enc.why_not_exact(codes, step, grid)
+
+
+# ------------------------------------------------------------------------------------------------ storage plan
+def _placement(t: T, bits: float, group_size: int | None) -> StoragePlacement:
+    block, size = gguf.GGML_QUANT_SIZES[t]
+    return StoragePlacement(bits, group_size, t.name, 8.0 * size / block)
+
+
+def gguf_storage(row_length: int, bits: float, group_size: int | None, table: bool = False) -> StoragePlacement:
+    """The type a weight of this grid width and group size lands in (the writer's default choice above) and the
+    bits per weight it stores: one step per block, so the 256-block types take per-row or per-256 steps of rows
+    of a multiple of 256, and Q4_0 / Q8_0 every other group (the step repeated in each 32-block)."""
+    group = group_size or row_length
+    if bits >= 8:
+        return _placement(T.Q8_0, bits, group_size)
+    if not table and bits < 4 and group % QK_K == 0 and row_length % QK_K == 0:
+        return _placement(T.TQ2_0 if bits < 2 else T.Q2_K if bits == 2 else T.Q3_K, bits, group_size)
+    return _placement(T.Q4_0, bits, group_size)
+
+
+def gguf_storage_plan(row_length: int, bits: float, table: bool = False) -> StoragePlacement:
+    """Rows of a multiple of 256 at 1 / 1.58 / 2 / 3 bits: TQ2_0 / Q2_K / Q3_K with their d per 256 (G = 256).
+    Everything else lands in Q4_0, whose 4.5 bits per weight hold a 4-bit grid with its own step per 32, so it
+    trains as that (G = 32); tables: Q8_0 (8-bit) or Q4_0, G = 32."""
+    if table or bits >= 8:
+        return gguf_storage(row_length, bits, 32, table)
+    if row_length % QK_K == 0 and bits < 4:
+        return gguf_storage(row_length, bits, QK_K)
+    return gguf_storage(row_length, 4.0, 32)

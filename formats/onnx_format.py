@@ -12,7 +12,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from formats.protocol import ArtifactError, ArtifactSummary, ExportedArtifact, ExportFormat, count_text
+from formats.protocol import (
+    ArtifactError, ArtifactSummary, ExportedArtifact, ExportFormat, StoragePlacement, count_text,
+)
 
 MODEL_FILE = "model.onnx"  # formats.onnx.MODEL_FILE (not imported here: onnx is an optional extra)
 GENAI_CONFIG = "genai_config.json"
@@ -38,6 +40,22 @@ class OnnxFormat(ExportFormat):
     marker = "s"
     suffix = ""
     validation_checks = "read-back exactness, onnxruntime vs PyTorch logits and cached generation"
+
+    def storage(self, row_length: int, bits: float, group_size: int | None, table: bool = False):
+        # MatMulNBits: 1 / 1.58 / 2-bit codes in bits=2, 3 / 4-bit in bits=4, a float32 scale per block (the
+        # largest power of two <= 128 dividing the row, or the group); tables as the checkpoint stores them
+        if table or bits >= 8:
+            return StoragePlacement(bits, group_size, f"int{int(bits)}", bits + 16.0 / (group_size or row_length))
+        block = next((b for b in (128, 64, 32, 16) if (group_size or row_length) % b == 0), 16)
+        width = 2 if bits <= 2 else 4
+        return StoragePlacement(bits, group_size, f"MatMulNBits bits={width}", width + 32.0 / block)
+
+    def storage_plan(self, row_length: int, bits: float, table: bool = False):
+        # 3-bit is stored in bits=4: train 4-bit; the block's scale is stored anyway: one step per block
+        if table or bits >= 8:
+            return self.storage(row_length, bits, None, table)
+        block = next((b for b in (128, 64, 32) if row_length % b == 0), None)
+        return self.storage(row_length, bits if bits <= 2 else 4.0, block, table)
 
     def detect(self, path: Path) -> Path | None:
         if path.is_dir():

@@ -44,6 +44,17 @@ class ArtifactSummary:
     folder: bool = False  # a folder (ONNX, the checkpoint) rather than one file
 
 
+@dataclass(frozen=True)
+class StoragePlacement:
+    """Where one weight lands in a format's containers: the grid width and group size (None: per row) it is stored
+    at, the container, and the bits per weight that container stores (codes and scales together)."""
+
+    bits: float
+    group_size: int | None
+    container: str
+    stored_bits: float
+
+
 def count_text(counts: Counter) -> str:
     """"Q2_K x84, Q4_0 x14": tensors per container, most first (the card's containers column)."""
     return ", ".join(f"{name} x{n}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
@@ -116,6 +127,16 @@ class ExportFormat(ABC):
     @abstractmethod
     def default_name(self, checkpoint, options: Any) -> str:
         """The file (or folder) name an export gets when -o names no file: from the model, bits and options."""
+
+    def storage(self, row_length: int, bits: float, group_size: int | None, table: bool = False) -> StoragePlacement:
+        """Where a weight of this grid width and group size lands and what it stores per weight (``table``: an
+        embedding / output table)."""
+        raise NotImplementedError(f"{self.name} has no storage plan")
+
+    def storage_plan(self, row_length: int, bits: float, table: bool = False) -> StoragePlacement:
+        """``--target``: for a weight asked for at ``bits``, the widest grid and the group size that the container
+        it lands in stores at no extra cost (so no module pays for bits it does not use)."""
+        raise NotImplementedError(f"{self.name} has no storage plan")
 
     def default_output(self, checkpoint_dir: Path, checkpoint, options: Any) -> Path:
         """Where `export` writes without -o: next to the checkpoint, under the format's default name."""

@@ -38,10 +38,12 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-size", default=None,
                         help="one step per G consecutive weights of a row (32, 64, 128, 256) instead of one per row "
                              "(ParetoQ's setting); --bits 4 --group-size 32 is llama.cpp's Q4_0 layout")
-    parser.add_argument("--target", default=None, choices=("gguf", "onnx", "executorch"),
-                        help="per module, the grid and group size that runtime stores compactly: e.g. gguf trains "
-                             "rows that only Q4_0 holds (not a multiple of 256) as 4-bit with a step per 32, and "
-                             "prints the bits per weight stored")
+    from formats.registry import NAMES
+
+    parser.add_argument("--target", default=None, choices=NAMES,
+                        help="the format whose containers decide, per module, the grid and group size trained: e.g. "
+                             "gguf trains rows that only Q4_0 holds (not a multiple of 256) as 4-bit with a step "
+                             "per 32; prints and records the bits per weight stored")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -66,9 +68,15 @@ def add_validation_text_arguments(parser: argparse.ArgumentParser, threads_help:
 def qat_config(args: argparse.Namespace):
     from qat.prepare import QATConfig, parse_overrides
 
+    target = getattr(args, "target", None)
+    if target is not None:
+        from formats.registry import format_named
+
+        storage_plan = format_named(target).storage_plan
     return QATConfig(bits=args.bits, overrides=parse_overrides(args.override),
                      embedding_bits=args.embedding_bits, lm_head_bits=args.lm_head_bits,
-                     group_size=getattr(args, "group_size", None), target=getattr(args, "target", None))
+                     group_size=getattr(args, "group_size", None), target=target,
+                     storage_plan=storage_plan if target is not None else None)
 
 
 def data_config(args: argparse.Namespace):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from torch import nn
 
 from qat.grids import EMBEDDING_BITS, WEIGHT_BITS, format_bits, parse_bits
 from qat.modules import GROUP_SIZES, QUANT_MODULES, QuantEmbedding, QuantLinear, check_group_size
 from qat.quantizers import ALPHA_INITS
-from qat.targets import TARGETS, Placement, format_stored_bits, plan_module, stored_bits
+from qat.targets import format_stored_bits, stored_bits
 
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -32,13 +33,16 @@ class QATConfig:
     alpha_init: str = "paper"  # "paper": max/mean-based as the reference; "mse": per-row least-squares search
     group_size: int | None = None
     group_overrides: dict[str, int | None] = field(default_factory=dict)
-    # "gguf" | "onnx" | "executorch": per module, the grid and group size that runtime stores compactly
-    # (qat.targets.plan_module), from the bits asked for; None: bits and group sizes exactly as given
+    # --target: the format whose containers decide, per module, the grid and group size trained (from the bits
+    # asked for); storage_plan is that format's ExportFormat.storage_plan, handed over by the commands (qat does
+    # not import formats). None: bits and group sizes exactly as given.
     target: str | None = None
+    storage_plan: Callable[..., Any] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.target is not None and self.target not in TARGETS:
-            raise ValueError(f"unknown target {self.target!r}: choose from {', '.join(TARGETS)}")
+        if (self.target is None) != (self.storage_plan is None):
+            raise ValueError("a target needs its format's storage plan: QATConfig(target=name, "
+                             "storage_plan=formats.registry.format_named(name).storage_plan)")
         if self.target is not None and (self.group_size is not None or self.group_overrides):
             raise ValueError(f"--target {self.target} chooses the group sizes: drop --group-size, or drop --target")
         self.group_size = _check_group(self.group_size, "group size")
@@ -70,6 +74,12 @@ class QATConfig:
             "group_overrides": dict(self.group_overrides),
             "target": self.target,
         }
+
+
+@dataclass(frozen=True)
+class _AsGiven:
+    bits: float
+    group_size: int | None
 
 
 def _lookup(table: dict, name: str, default):
@@ -153,13 +163,13 @@ def prepare(model: nn.Module, config: QATConfig) -> nn.Module:
         wanted[emb_name] = (emb_bits, True)
     if head_bits is not None and not tied:
         wanted[head_name] = (head_bits, True)
-    plan: dict[str, Placement] = {}
+    plan: dict[str, Any] = {}  # name -> placement (bits, group_size, container, stored_bits)
     for name, (bits, table) in wanted.items():
         cols = model.get_submodule(name).weight.shape[1]
-        if config.target is not None:
-            plan[name] = plan_module(config.target, cols, bits, embedding=table)
+        if config.storage_plan is not None:
+            plan[name] = config.storage_plan(cols, bits, table)
         else:
-            plan[name] = Placement(bits, config.group_size_for(name), "as given", float(bits))
+            plan[name] = _AsGiven(bits, config.group_size_for(name))
         check_group_size(plan[name].group_size, cols, name)
     for name in targets:
         _set_submodule(model, name, QuantLinear.from_linear(model.get_submodule(name), plan[name].bits,

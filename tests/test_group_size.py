@@ -166,7 +166,8 @@ from formats import gguf as G  # noqa: E402
 from formats.gguf_metadata import default_filename  # noqa: E402
 from formats.gguf_readback import verify_gguf_readback  # noqa: E402
 from formats.validation import validate_artifact  # noqa: E402
-from qat.targets import checkpoint_stored_bits, plan_module  # noqa: E402
+from formats.registry import format_named  # noqa: E402
+from qat.targets import checkpoint_stored_bits  # noqa: E402
 from tiny_models import save_tiny_model_dir, tiny_tokenizer  # noqa: E402
 
 BLOCK_256 = {1: "TQ2_0", 1.58: "TQ2_0", 2: "Q2_K", 3: "Q3_K"}
@@ -258,7 +259,7 @@ def test_target_gguf_trains_each_module_for_its_container(tmp_path, capsys):
     # the report counts every byte the GGUF's quantized tensors hold, per module type and in total
     report = ckpt.recipe["stored_bits"]
     held = sum(r.nbytes for r in result.records if r.grid is not None)
-    assert report["bytes"] == held == checkpoint_stored_bits(ckpt, "gguf")["bytes"]
+    assert report["bytes"] == held == checkpoint_stored_bits(ckpt, format_named("gguf").storage)["bytes"]
     for kind, row in report["by_type"].items():
         nbytes = sum(r.nbytes for r in result.records if r.grid is not None and kind in r.hf_name)
         assert row["bits_per_weight"] * row["weights"] == 8 * nbytes, kind
@@ -285,13 +286,16 @@ def test_cli_qat_with_target_prints_and_records_the_stored_bits(tmp_path, capsys
 
 
 def test_target_plans_for_onnx_and_executorch():
-    def plan(*args):
-        p = plan_module(*args)
+    def plan(target, *args):
+        p = format_named(target).storage_plan(*args)
         return p.bits, p.group_size
 
     assert plan("onnx", 576, 2) == (2, 64)  # MatMulNBits bits=2, with the 64-block's scale it stores anyway
     assert plan("onnx", 576, 3) == (4, 64)  # 3-bit is stored in bits=4: train 4-bit
     assert plan("executorch", 576, 1.58) == (4, None)  # int4 per channel
-    assert plan("gguf", 1536, 1.58) == (1.58, 256) and plan_module("gguf", 1536, 1.58).container == "TQ2_0"
+    assert plan("gguf", 1536, 1.58) == (1.58, 256) and format_named("gguf").storage_plan(1536, 1.58).container == "TQ2_0"
+    gguf_plan = format_named("gguf").storage_plan
     with pytest.raises(ValueError, match="drop --group-size"):
-        QATConfig(bits=2, group_size=32, target="gguf")
+        QATConfig(bits=2, group_size=32, target="gguf", storage_plan=gguf_plan)
+    with pytest.raises(ValueError, match="a target needs its format's storage plan"):
+        QATConfig(bits=2, target="gguf")

@@ -18,11 +18,7 @@ def _sources(*packages: str):
 
 
 # Known exceptions, each with the change that removes it; delete the entry when that lands.
-NAME_COMPARISON_EXCEPTIONS = {
-    # the compact storage plan per runtime (--target): belongs to each format object (formats/protocol.py), handed
-    # to qat by the qat/quantize commands, since qat may not import formats
-    "qat/targets.py",
-}
+NAME_COMPARISON_EXCEPTIONS: set[str] = set()
 
 
 def test_no_format_name_compared_outside_formats():
