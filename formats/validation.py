@@ -100,7 +100,7 @@ def readback(fmt: ExportFormat, path: Path, ckpt: QuantizedCheckpoint) -> dict:
         raise ValidateError(f"read-back of {path} failed: {exc} (the file is corrupt or was not exported from "
                             "this checkpoint: re-export it)") from exc
     except Exception as exc:  # a parser failing on damaged bytes (struct, numpy, protobuf errors)
-        raise ValidateError(f"cannot read {path} ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}): the "
+        raise ValidateError(f"cannot read {path} ({type(exc).__name__}: {' '.join(str(exc).split())[:400]}): the "
                             "file is damaged or truncated; re-export it") from exc
 
 
@@ -112,7 +112,7 @@ def open_runner(fmt: ExportFormat, path: Path, threads: int, n_ctx: int):
         raise
     except Exception as exc:
         raise ValidateError(f"{fmt.runtime} cannot load {path} ({type(exc).__name__}: "
-                            f"{' '.join(str(exc).split())[:200]}): the file is damaged or was written by an "
+                            f"{' '.join(str(exc).split())[:400]}): the file is damaged or was written by an "
                             "incompatible version; re-export it") from exc
 
 
@@ -133,7 +133,7 @@ def compare_tokenizers(fmt: ExportFormat, path: Path, ckpt: QuantizedCheckpoint,
         raise
     except Exception as exc:  # a damaged tokenizer file or vocabulary
         raise ValidateError(f"the tokenizer of {path} cannot be read ({type(exc).__name__}: "
-                            f"{' '.join(str(exc).split())[:200]}): re-export it") from exc
+                            f"{' '.join(str(exc).split())[:400]}): re-export it") from exc
     if ids is None:
         return None
     expected = [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
@@ -196,7 +196,7 @@ def validate_artifact(artifact: str | os.PathLike, checkpoint: QuantizedCheckpoi
             test = np.asarray(runner.logits(ids), dtype=np.float64)
         except Exception as exc:  # the runtime loaded the file but fails running it: damaged graph or tables
             raise ValidateError(f"{fmt.runtime} fails running {path} ({type(exc).__name__}: "
-                                f"{' '.join(str(exc).split())[:200]}): the file is damaged; re-export it") from exc
+                                f"{' '.join(str(exc).split())[:400]}): the file is damaged; re-export it") from exc
         if test.shape != ref.shape:
             raise ValidateError(f"{path} returns logits {test.shape} where the checkpoint's model gives {ref.shape}: "
                                 "the artifact was not exported from this checkpoint")

@@ -43,8 +43,8 @@ def _llama_cpp():
 
 
 def _load_failure() -> str:
-    reasons = [line for line in _LOG if "error" in line.lower() or "fail" in line.lower()]
-    return "; ".join(reasons[-2:])
+    reasons = [line for line in _LOG[-8:] if "error" in line.lower()]
+    return reasons[-1] if reasons else ""
 
 
 def tokenize_with_vocab(path: str | os.PathLike, text: str) -> list[int]:
@@ -54,7 +54,7 @@ def tokenize_with_vocab(path: str | os.PathLike, text: str) -> list[int]:
     try:
         vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     except ValueError as exc:
-        raise LlamaCppError(f"llama.cpp could not load the vocabulary of {path}: {exc} {_load_failure()}") from exc
+        raise LlamaCppError(f"llama.cpp could not load the vocabulary of {path}: {_load_failure() or exc}") from exc
     try:
         return [int(t) for t in vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False)]
     finally:
@@ -79,7 +79,7 @@ class LlamaCppRunner:
                 **kv,
             )
         except ValueError as exc:
-            raise LlamaCppError(f"llama.cpp could not load {path}: {exc} {_load_failure()}") from exc
+            raise LlamaCppError(f"llama.cpp could not load {path}: {_load_failure() or exc}") from exc
         self.path, self.n_threads, self.n_ctx, self.logits_all = path, n_threads, n_ctx, logits_all
 
     @property
