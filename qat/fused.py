@@ -31,37 +31,13 @@ from __future__ import annotations
 import functools
 import math
 import types
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
 from qat.grids import Grid
-from qat.quantizers import ALPHA_EPS, SEQ_CLIP
-
-
-@dataclass(frozen=True)
-class SteBounds:
-    """A grid's straight-through-estimator constants, in units of alpha (x = w / alpha)."""
-    low: float  # the weight gradient passes where low <= x <= high (the clipped STE band)
-    high: float
-    below: float  # alpha's gradient term where x < low, and where x > high (the saturated levels)
-    above: float
-    seq_levels: float  # SEQ's n and shift in (round(clamp(x) * n - shift) + shift) / n; 1 and 0 (the identity,
-    seq_shift: float  # never read) for sign and LSQ
-
-
-def ste_bounds(grid: Grid) -> SteBounds:
-    """The one definition of the STE band and saturation values that both fused paths use (and the reference
-    autograd function in qat/quantizers.py spells out in its backward). DESIGN.md section 2: LSQ passes
-    Qn <= x <= Qp and saturates at Qn / Qp; SEQ passes |x| <= 0.99 and saturates at -+(n - shift) / n; sign passes
-    |x| <= 1 (qn, qp = -1, 1), its alpha term being sign(w) everywhere, so below/above are not read."""
-    if grid.method == "seq":
-        n, shift = float(grid.seq_levels), float(grid.seq_shift)
-        saturation = (n - shift) / n
-        return SteBounds(-SEQ_CLIP, SEQ_CLIP, -saturation, saturation, n, shift)
-    return SteBounds(float(grid.qn), float(grid.qp), float(grid.qn), float(grid.qp), 1.0, 0.0)
+from qat.quantizers import ALPHA_EPS, SEQ_CLIP, ste_bounds
 
 
 def _kernels(grid: Grid) -> tuple[Callable, Callable]:

@@ -17,6 +17,7 @@ clamped to >= 1e-5 in the forward exactly as the reference does.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +26,28 @@ from qat.grids import Grid, grid_for_bits
 
 ALPHA_EPS = 1e-5
 SEQ_CLIP = 1.0 - 1e-2
+
+
+@dataclass(frozen=True)
+class SteBounds:
+    """A grid's straight-through-estimator constants, in units of alpha (x = w / alpha)."""
+    low: float  # the weight gradient passes where low <= x <= high (the clipped STE band)
+    high: float
+    below: float  # alpha's gradient term where x < low, and where x > high (the saturated levels)
+    above: float
+    seq_levels: float  # SEQ's n and shift in (round(clamp(x) * n - shift) + shift) / n; 1 and 0 (the identity,
+    seq_shift: float  # never read) for sign and LSQ
+
+
+def ste_bounds(grid: Grid) -> SteBounds:
+    """The one definition of the STE band and saturation values, used by the reference backward below and by both
+    fused paths (qat/fused.py). DESIGN.md section 2: LSQ passes Qn <= x <= Qp and saturates at Qn / Qp; SEQ passes |x| <= 0.99 and saturates at -+(n - shift) / n; sign passes
+    |x| <= 1 (qn, qp = -1, 1), its alpha term being sign(w) everywhere, so below/above are not read."""
+    if grid.method == "seq":
+        n, shift = float(grid.seq_levels), float(grid.seq_shift)
+        saturation = (n - shift) / n
+        return SteBounds(-SEQ_CLIP, SEQ_CLIP, -saturation, saturation, n, shift)
+    return SteBounds(float(grid.qn), float(grid.qp), float(grid.qn), float(grid.qp), 1.0, 0.0)
 
 
 def _clamped_alpha(alpha: torch.Tensor) -> torch.Tensor:
@@ -63,13 +86,8 @@ class ParetoQFakeQuant(torch.autograd.Function):
         grid: Grid = ctx.grid
         grad_scale = 1.0 / math.sqrt(weight.numel() * grid.grad_qp)
         x = weight / alpha
-        if grid.method == "seq":
-            low, high = -SEQ_CLIP, SEQ_CLIP
-            sat = (grid.seq_levels - grid.seq_shift) / grid.seq_levels
-            below, above = -sat, sat
-        else:
-            low, high = float(grid.qn), float(grid.qp)
-            below, above = float(grid.qn), float(grid.qp)
+        b = ste_bounds(grid)
+        low, high, below, above = b.low, b.high, b.below, b.above
         middle = (x >= low) & (x <= high)
         if grid.method == "sign":
             alpha_term = weight.sign()

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from qat import fused as fused_module
-from qat.fused import fused_default, fused_fake_quantize, resolve_backend, set_fused, ste_bounds
+from qat.fused import fused_default, fused_fake_quantize, resolve_backend, set_fused
+from qat.quantizers import ste_bounds
 from qat.grids import grid_for_bits
 from qat.modules import QuantLinear
 from qat.prepare import QATConfig, prepare, quantized_modules
