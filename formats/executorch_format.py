@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from formats.protocol import ArtifactSummary, ExportedArtifact, ExportFormat, StoragePlacement
+from formats.protocol import ArtifactSummary, ExportedArtifact, ExportFormat, StoragePlacement, Thresholds
 
 class ExecuTorchFormat(ExportFormat):
     name = "executorch"
@@ -20,6 +20,8 @@ class ExecuTorchFormat(ExportFormat):
     extra = "executorch"
     marker = "^"
     suffix = ".pte"
+    # int8 dynamic activations, and --embedding-bits 4 rounds the table (KL up to ~2e-2)
+    thresholds = Thresholds(max_kl=5e-2, min_top1=0.90, max_ppl_ratio=1.05)
     magic, magic_offset = b"ET", 4  # the flatbuffer file identifier (program.fbs: "ET12") after the root offset
     validation_checks = "ExecuTorch vs PyTorch logits and KV-cached decode"
 

@@ -60,6 +60,15 @@ def count_text(counts: Counter) -> str:
     return ", ".join(f"{name} x{n}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+@dataclass(frozen=True)
+class Thresholds:
+    """Pass/fail bounds of a validation (flags --max-kl, --min-top1, --max-ppl-ratio)."""
+
+    max_kl: float = 1e-2  # mean KL(reference || artifact), nats
+    min_top1: float = 0.95  # top-1 agreement where the reference's top-1 leads clearly
+    max_ppl_ratio: float = 1.02  # artifact PPL / reference PPL, and its inverse, at most this
+
+
 @dataclass
 class ExportedArtifact:
     """What an export wrote: the path its runtime opens, and the lines the CLI prints about it."""
@@ -81,6 +90,8 @@ class ExportFormat(ABC):
     magic: ClassVar[bytes] = b""  # the bytes at magic_offset that identify one of its files (b"" for folders)
     magic_offset: ClassVar[int] = 0
     validation_checks: ClassVar[str]  # what --validate checks, for the help text
+    # exact weights: what remains is the runtime's float summation order (KL ~1e-6 against PyTorch)
+    thresholds: ClassVar[Thresholds] = Thresholds()
 
     # ------------------------------------------------------------------ files
     def detect(self, path: Path) -> Path | None:

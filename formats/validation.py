@@ -12,7 +12,7 @@ reference, the format's own runtime checks, optionally zero-shot accuracy. One r
      "verdict": {"passed", "failures", "thresholds"}}
 
 written atomically by ``write_report``; the model card reads it. The verdict judges the metrics against pass/fail
-thresholds (``THRESHOLDS``, per format; every caller can change them): the weights are exact, so what remains is
+thresholds (``ExportFormat.thresholds``, per format; every caller can change them): the weights are exact, so what remains is
 activation arithmetic (int8 activations in ExecuTorch), and a wrong norm epsilon, rope or vocabulary fails clearly.
 Every failure to read or open the artifact is one ValidateError line: a damaged file is the user's to re-export.
 """
@@ -22,14 +22,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from formats.protocol import ArtifactError, ExportFormat
-from formats.registry import detect_artifact
+from formats.protocol import ArtifactError, ExportFormat, Thresholds
+from formats.registry import detect_artifact, format_named
 from paretoq_export.canonical.atomic import write_text_atomic
 from paretoq_export.canonical.checkpoint import QuantizedCheckpoint, open_checkpoint
 
@@ -41,31 +41,12 @@ class ValidateError(ArtifactError):
     """A validation the user can fix (corrupted artifact, wrong checkpoint, ...): one line naming problem and fix."""
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    """Pass/fail bounds of a validation (flags --max-kl, --min-top1, --max-ppl-ratio)."""
-
-    max_kl: float  # mean KL(reference || artifact), nats
-    min_top1: float  # top-1 agreement on the positions where the reference's top-1 leads clearly
-    max_ppl_ratio: float  # artifact PPL / reference PPL, and its inverse, at most this
-
-
-# exact weights everywhere; llama.cpp and onnxruntime differ from PyTorch by float summation order (KL ~1e-6),
-# ExecuTorch by int8 dynamic activations and --embedding-bits 4 (KL up to ~2e-2)
-THRESHOLDS = {
-    "gguf": Thresholds(max_kl=1e-2, min_top1=0.95, max_ppl_ratio=1.02),
-    "onnx": Thresholds(max_kl=1e-2, min_top1=0.95, max_ppl_ratio=1.02),
-    "executorch": Thresholds(max_kl=5e-2, min_top1=0.90, max_ppl_ratio=1.05),
-}
-DEFAULT_THRESHOLDS = Thresholds(max_kl=1e-2, min_top1=0.95, max_ppl_ratio=1.02)
-
-
 def thresholds_for(format_name: str, max_kl: float | None = None, min_top1: float | None = None,
                    max_ppl_ratio: float | None = None) -> Thresholds:
-    """The format's default thresholds with any given one put over it."""
+    """The format's thresholds (ExportFormat.thresholds) with any given one put over it."""
     given = {k: v for k, v in dict(max_kl=max_kl, min_top1=min_top1, max_ppl_ratio=max_ppl_ratio).items()
              if v is not None}
-    return replace(THRESHOLDS.get(format_name, DEFAULT_THRESHOLDS), **given)
+    return replace(format_named(format_name).thresholds, **given)
 
 
 def judge(report: dict, thresholds: Thresholds) -> dict:
@@ -166,8 +147,8 @@ def validate_artifact(artifact: str | os.PathLike, checkpoint: QuantizedCheckpoi
     ``tasks``: zero-shot task names or ["all"]; ``limit``: examples per task (seeded subset); ``reference``: the
     PyTorch logits of ``token_ids`` when already computed (one reference run shared by several files);
     ``check_options``: keyword arguments of the format's extra checks (ExecuTorch: kv_prefill); ``thresholds``:
-    the verdict's bounds (default: the format's, THRESHOLDS); ``text``: the validation text, to compare the
-    artifact's own tokenizer with transformers' on it."""
+    the verdict's bounds (default: the format's, ExportFormat.thresholds); ``text``: the validation text, to
+    compare the artifact's own tokenizer with transformers' on it."""
     import torch
 
     from runtime_tests import zeroshot

@@ -17,7 +17,7 @@ validation every caller runs, formats.validation):
   (ONNX: cached vs uncached generation; ExecuTorch: KV-cached decode vs recompute).
 - optionally zero-shot accuracy (runtime_tests.zeroshot) of the reference and of the artifact, side by side.
 
-Pass/fail: mean KL, clear-margin top-1 and PPL ratio against the format's thresholds (formats.validation.THRESHOLDS;
+Pass/fail: mean KL, clear-margin top-1 and PPL ratio against the format's thresholds (ExportFormat.thresholds;
 GGUF and ONNX: KL <= 1e-2, top-1 >= 95%, PPL ratio within 1.02; ExecuTorch: 5e-2, 90%, 1.05), changed with
 --max-kl / --min-top1 / --max-ppl-ratio. A failed validation prints one ``error: validation failed: ...`` line
 and exits 1 (the report is still written).
