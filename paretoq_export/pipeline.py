@@ -24,6 +24,18 @@ def _check_output(output: str | os.PathLike, overwrite: bool) -> Path:
     return check_output(output, overwrite, folder=True)
 
 
+def refuse_float_linears(model: torch.nn.Module) -> None:
+    """After prepare: every linear is quantized (lm_head aside, which has its own flag), or the run stops here,
+    before any training; a linear of a layout prepare does not know (a fused qkv_proj) would otherwise stay float
+    in every export without a word."""
+    left = [name for name, module in model.named_modules()
+            if type(module) is torch.nn.Linear and name.split(".")[-1] != "lm_head"]
+    if left:
+        raise ValueError(f"{len(left)} linear layer(s) would stay float ({', '.join(left[:3])}"
+                         f"{', ...' if len(left) > 3 else ''}): their layout is not one ParetoQ quantizes here; "
+                         "use a supported architecture (Llama, Qwen2, Qwen3)")
+
+
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -49,6 +61,7 @@ def quantize_rtn(
     out = _check_output(output, overwrite)
     source = load_model(model_spec, trust_remote_code=trust_remote_code)
     prepare(source.model, qat_config)
+    refuse_float_linears(source.model)
     recipe = {"method": "rtn", **source_recipe(source)}
     ckpt = QATCheckpoint.from_qat_model(source.model, source.tokenizer, recipe=recipe, float_dtype=float_dtype)
     return ckpt.save(out, overwrite=overwrite)
@@ -85,6 +98,7 @@ def run_qat(
 
         teacher = copy.deepcopy(source.model).eval().requires_grad_(False)
     prepare(source.model, qat_config)
+    refuse_float_linears(source.model)
     start = time.time()
     result = train(source.model, train_blocks, heldout_blocks, train_config, teacher=teacher)
     seconds = time.time() - start

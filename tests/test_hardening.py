@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from paretoq_export.canonical.checkpoint import CheckpointError, QuantizedCheckpoint, saved_tokenizer_files
 from paretoq_export.cli import main
@@ -538,3 +539,15 @@ def test_messages_name_flags_that_exist(tmp_path, capsys):
     with pytest.raises(ValueError, match="supported are LlamaForCausalLM") as info:
         prepare(gpt2, QATConfig(bits=2))
     assert "--target-modules" not in str(info.value)
+
+
+def test_a_linear_left_float_stops_the_run():
+    from qat.prepare import QATConfig, prepare
+
+    from paretoq_export.pipeline import refuse_float_linears
+
+    model = prepare(tiny_model("llama"), QATConfig(bits=2))
+    refuse_float_linears(model)  # every projection of a supported family is quantized
+    model.model.layers[0].self_attn.qkv_proj = torch.nn.Linear(8, 24)  # a fused projection prepare does not know
+    with pytest.raises(ValueError, match=r"1 linear layer\(s\) would stay float \(model.layers.0.self_attn.qkv_proj"):
+        refuse_float_linears(model)
