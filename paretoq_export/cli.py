@@ -2,8 +2,9 @@
 
 Every command is a module with ``add_arguments(parser)`` and ``run(args) -> int``, listed in COMMANDS.
 ``paretoq-export --format gguf CKPT -o model.gguf`` is the shortcut of ``paretoq-export export gguf CKPT ...``.
-Every failure the user can fix ends with one ``error: ...`` line and exit status 2; a validation that ran and
-failed its thresholds exits 1; ``--debug`` (anywhere on the line, or PARETOQ_DEBUG=1) shows the traceback instead.
+Every failure the user can fix, a validation that failed its thresholds included, ends with one ``error: ...`` line
+and exit status 2 (a bug: exit 1, also one line); ``--debug`` (anywhere on the line, or PARETOQ_DEBUG=1) shows the
+traceback instead.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
 # command -> module (each: add_arguments(parser), run(args) -> int; HELP, or the first line of its docstring)
 COMMANDS = {
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if not debug:
         for logger, parts in IMPORT_NOISE.items():
             logging.getLogger(logger).addFilter(_ImportNoise(parts))
+        warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notes to their callers
     if argv and (argv[0] == "export" or argv[0].startswith("--format")):
         argv = shortcut(argv)
     args = build_parser().parse_args(argv)

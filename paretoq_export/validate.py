@@ -20,7 +20,7 @@ validation every caller runs, formats.validation):
 Pass/fail: mean KL, clear-margin top-1 and PPL ratio against the format's thresholds (ExportFormat.thresholds;
 GGUF and ONNX: KL <= 1e-2, top-1 >= 95%, PPL ratio within 1.02; ExecuTorch: 5e-2, 90%, 1.05), changed with
 --max-kl / --min-top1 / --max-ppl-ratio. A failed validation prints one ``error: validation failed: ...`` line
-and exits 1 (the report is still written).
+and exits 2, as every failure does (the report is still written).
 
 JSON (``--json``): the schema of formats.validation, the same the exporters' --validate write and the card reads.
 """
@@ -187,5 +187,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"plot saved to {plot_zeroshot(report, args.plot)}")
     if not report["verdict"]["passed"]:
         print(f"error: {verdict_line(report)}", file=sys.stderr)
-        return 1
+        return 2
     return 0

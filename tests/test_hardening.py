@@ -170,7 +170,7 @@ def test_validate_fails_on_a_wrong_model(tmp_path, capsys, ckpt_dir, gguf_file):
     report = tmp_path / "r.json"
     code, out, err = run_cli(capsys, "validate", gguf_file, "--checkpoint", other, "--text", __file__,
                              "--validate-tokens", "96", "--json", report)
-    assert code == 1 and len(err) == 1 and err[0].startswith("error: validation failed:"), err
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: validation failed:"), err
     verdict = json.loads(report.read_text())["verdict"]
     assert not verdict["passed"] and verdict["failures"] and "FAIL" in out
     code, _, err = run_cli(capsys, "validate", gguf_file, "--checkpoint", ckpt_dir, "--text", __file__,
@@ -183,7 +183,7 @@ def test_export_that_fails_validation_is_not_published(tmp_path, capsys, ckpt_di
     out = tmp_path / "m.gguf"
     code, _, err = run_cli(capsys, "--format", "gguf", ckpt_dir, "-o", out, "--text", __file__, "--validate-tokens",
                            "96", "--min-top1", "1.01")
-    assert code == 1 and len(err) == 1 and "validation failed" in err[0] and "nothing was written" in err[0], err
+    assert code == 2 and len(err) == 1 and "validation failed" in err[0] and "nothing was written" in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -345,7 +345,8 @@ def test_damaged_files_exit_2_with_one_line(tmp_path, capsys, ckpt_dir, gguf_fil
     a doc string), a validation that passed on a file still bit-exact."""
     rng = random.Random(13)
     cases = ([("ckpt", name) for name in ("config.json", "model.safetensors") for _ in range(3)]
-             + [("gguf", "m.gguf")] * 7 + [("onnx", "model.onnx")] * 7)
+             + [("gguf", "m.gguf")] * 7 + [("onnx", "model.onnx")] * 5
+             + [("onnx", "tokenizer.json"), ("onnx", "genai_config.json")])
     for i, (kind, name) in enumerate(cases):
         case = tmp_path / f"case{i}"
         case.mkdir()
@@ -522,7 +523,7 @@ def test_wrong_vocabulary_fails_validation_though_logits_agree(tmp_path, capsys,
     code, _, err = run_cli(capsys, "validate", gguf_file, "--checkpoint", other_dir, "--text", __file__,
                            "--validate-tokens", "96", "--json", report)
     result = json.loads(report.read_text())
-    assert code == 1 and "tokenizer gives other ids" in err[0], err
+    assert code == 2 and "tokenizer gives other ids" in err[0], err
     assert result["metrics"]["kl_mean"] < 1e-4 and result["tokenizer"]["equal"] is False
 
 

@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             _export_staged(args, fmt, ckpt, options, staging / output.name, output)
         except ValidationFailed as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return 2
         # beside files first (tokenizer.json of a .pte, the validation report), the artifact last: at its final
         # name it is whole
         for extra in sorted(p for p in staging.iterdir() if p.name != output.name):
@@ -127,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _export_staged(args: argparse.Namespace, fmt, ckpt, options, staged: Path, output: Path) -> None:
-    """Export to ``staged``, then read back and validate it there; ValidationFailed when the thresholds fail."""
+    """Export to ``staged``, then read back and validate it there; ValidationFailed (exit 2, nothing published)
+    when the thresholds fail."""
     from formats.validation import readback, report_path, thresholds_for, validate_artifact, verdict_line, write_report
     from paretoq_export.validation_text import (
         ValidationTextError, validate_by_default, validation_text, validation_token_ids,
