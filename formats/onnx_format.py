@@ -42,12 +42,14 @@ class OnnxFormat(ExportFormat):
     validation_checks = "read-back exactness, onnxruntime vs PyTorch logits and cached generation"
 
     def storage(self, row_length: int, bits: float, group_size: int | None, table: bool = False):
-        # MatMulNBits: 1 / 1.58 / 2-bit codes in bits=2, 3 / 4-bit in bits=4, a float32 scale per block (the
-        # largest power of two <= 128 dividing the row, or the group); tables as the checkpoint stores them
+        # MatMulNBits as exported by default (formats.onnx_nbits.choose_encoding): 1 / 1.58-bit codes in bits=2,
+        # 2-bit SEQ (its half-integer zero point needs the integer one of bits=4) and 3 / 4-bit in bits=4 (--smallest
+        # keeps 2-bit in bits=2 with a float zero point), a float32 scale per block (the largest power of two <= 128
+        # dividing the row, or the group); tables as the checkpoint stores them
         if table or bits >= 8:
             return StoragePlacement(bits, group_size, f"int{int(bits)}", bits + 16.0 / (group_size or row_length))
         block = next((b for b in (128, 64, 32, 16) if (group_size or row_length) % b == 0), 16)
-        width = 2 if bits <= 2 else 4
+        width = 2 if bits < 2 else 4
         return StoragePlacement(bits, group_size, f"MatMulNBits bits={width}", width + 32.0 / block)
 
     def storage_plan(self, row_length: int, bits: float, table: bool = False):

@@ -181,6 +181,38 @@ def test_smallest_and_padded_block(tmp_path, caplog):
     assert report["metrics"]["max_rel_diff"] < 1e-5  # float zero point: float kernel whatever the level
 
 
+def test_group_sizes_mixed_bits_exact_and_refused(tmp_path):
+    """Per-group steps at G = 32/64/128/256 (one module each, the rest per row) over all five grids and an 8-bit
+    table: MatMulNBits block = G (128 cap: G = 256 is two blocks of one step), read back bit for bit; a group size no
+    power-of-two block fits (G = 8) is refused in one line before any graph is written."""
+    from paretoq_export.canonical.checkpoint import QuantizedTensor
+    from qat.checkpoint_io import QATCheckpoint
+    from qat.prepare import QATConfig, prepare
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    groups = {"q_proj": 32, "k_proj": 64, "o_proj": 128, "down_proj": 256}
+    mixed = {"q_proj": 1, "k_proj": 1.58, "o_proj": 3, "gate_proj": 4, "down_proj": 1.58}
+    model = prepare(tiny_model("llama", layers=1), QATConfig(bits=2, overrides=mixed, group_overrides=groups,
+                                                             embedding_bits=8))
+    ckpt = QATCheckpoint.from_qat_model(model, tiny_tokenizer())
+    for level in (0, 4):
+        result = _export(ckpt, tmp_path / f"m{level}", accuracy_level=level)
+        blocks = {r.module.split(".")[-1]: r.block_size for r in result.records if r.module.startswith("model.layers")}
+        assert blocks == {"q_proj": 32, "k_proj": 64, "v_proj": 128, "o_proj": 128, "gate_proj": 128,
+                          "up_proj": 128, "down_proj": 128}, blocks
+        report = validate_artifact(result.path, ckpt, _ids())
+        assert _bit_exact(report["readback"]) and report["readback"]["matmulnbits"] == 8, report["readback"]
+        m = report["metrics"]
+        assert m["kl_mean"] < (1e-10 if level == 0 else 1e-3) and abs(m["ppl_ratio"] - 1) < 0.01, m
+    q = ckpt.quantized["model.layers.0.self_attn.q_proj.weight"]
+    fine = QuantizedTensor(q.codes, q.scale.float().repeat_interleave(4, dim=1).half(), q.grid)  # G = 8
+    bad = type(ckpt)(ckpt.config, {**ckpt.quantized, "model.layers.0.self_attn.q_proj.weight": fine}, ckpt.tensors,
+                     ckpt.tokenizer_files, ckpt.recipe)
+    with pytest.raises(NBitsError, match=r"group size 8 cannot be held by MatMulNBits.*multiple of 16"):
+        _export(bad, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_untied_float_checkpoint(tmp_path):
     """A float (unquantized) checkpoint exports as plain MatMuls; an untied lm_head is its own tensor."""
     from qat.checkpoint_io import QATCheckpoint
