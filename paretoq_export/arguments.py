@@ -48,11 +48,22 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_data_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--data", nargs="+", default=None if required else ["wikipedia"], required=required,
-                        help="text files, JSONL (text field), datasets save_to_disk dirs, or 'wikipedia' (packaged)")
+                        help="text files, JSONL (text field), datasets save_to_disk dirs, 'wikipedia' (packaged), or "
+                             "teacher[:N] (N tokens sampled from the float model itself, e.g. teacher:5M; alone or "
+                             "mixed with text, cached on disk by its settings)")
     parser.add_argument("--block-size", type=int, default=256, help="tokens per training/eval block")
     parser.add_argument("--heldout-fraction", type=float, default=0.05,
                         help="documents kept out of training for PPL")
-    parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--heldout-data", default="wikipedia",
+                        help="real text whose held-out documents measure PPL when every --data source is the teacher")
+    parser.add_argument("--data-seed", type=int, default=0, help="held-out split and teacher sample seed")
+    parser.add_argument("--teacher-temperature", type=float, default=1.0, help="teacher sampling temperature (0: greedy)")
+    parser.add_argument("--teacher-greedy-tokens", type=int, default=3,
+                        help="tokens after each sequence's random first token taken greedily (LLM-QAT: 3-5)")
+    parser.add_argument("--teacher-top-k", type=int, default=0, help="teacher top-k sampling (0: off)")
+    parser.add_argument("--teacher-top-p", type=float, default=1.0, help="teacher nucleus sampling (1: off)")
+    parser.add_argument("--teacher-batch-size", type=int, default=None,
+                        help="sequences sampled at once (default 1024 on CUDA, 16 on CPU)")
 
 
 def add_validation_text_arguments(parser: argparse.ArgumentParser, threads_help: str) -> None:
@@ -82,4 +93,9 @@ def qat_config(args: argparse.Namespace):
 def data_config(args: argparse.Namespace):
     from qat.data import DataConfig
 
-    return DataConfig(list(args.data), args.block_size, args.heldout_fraction, args.data_seed)
+    extra = {name: getattr(args, name) for name in ("heldout_data", "teacher_temperature", "teacher_greedy_tokens",
+                                                      "teacher_top_k", "teacher_top_p", "teacher_batch_size")
+             if hasattr(args, name)}
+    if "heldout_data" in extra:
+        extra["heldout_source"] = extra.pop("heldout_data")
+    return DataConfig(list(args.data), args.block_size, args.heldout_fraction, args.data_seed, **extra)

@@ -91,7 +91,8 @@ def run_qat(
 
     out = _check_output(output, overwrite)
     source = load_model(model_spec, trust_remote_code=trust_remote_code)
-    train_blocks, heldout_blocks = build_data(source.tokenizer, data)
+    # teacher[:N] sources sample the float model: before prepare() turns it into the student
+    train_blocks, heldout_blocks = build_data(source.tokenizer, data, model=source.model)
     teacher = None
     if distill or getattr(train_config, "distill_weight", 0) > 0:
         import copy
@@ -110,7 +111,8 @@ def run_qat(
             **source_recipe(source),
             "data": asdict(data),
             "train": {k: v for k, v in asdict(train_config).items() if _jsonable(v)} | {"lr": result.lr},
-            "heldout_ppl": result.heldout_ppl[-1][1] if result.heldout_ppl else None,
+            "heldout_ppl": result.final_heldout_ppl,  # the returned weights' (keep_best: the best evaluation's)
+            "kept_step": result.kept_step,
             "train_tokens": int(result.steps) * train_config.batch_size * train_config.grad_accum
             * data.block_size * int(os.environ.get("WORLD_SIZE", "1")),
             "seconds": round(seconds, 1),

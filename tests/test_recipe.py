@@ -171,3 +171,30 @@ def test_cli_qat_applies_and_records_the_recipe(tmp_path, flags, expect):
     train_cfg = saved["train"]
     for key in ("anneal_frac", "alpha_lr_scale", "distill_weight", "lr"):
         assert train_cfg[key] == pytest.approx(expect[key]), key
+
+
+def test_cli_qat_with_teacher_data_keep_best_and_determinism(tmp_path):
+    """--data teacher:N mixed with text, keep-best on by default with held-out data, --deterministic: two runs give
+    the same codes and steps; eval never samples the teacher."""
+    from tiny_models import save_tiny_model_dir
+
+    from paretoq_export.canonical.checkpoint import QuantizedCheckpoint
+    from paretoq_export.cli import main
+
+    model_dir = save_tiny_model_dir(tmp_path / "tiny", hidden=64, intermediate=128)
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(f"Document {i}. {TINY_TEXT}" for i in range(40)))
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert main(["qat", "--model", str(model_dir), "--bits", "2", "--data", "teacher:512", str(text),
+                     "--steps", "4", "--eval-every", "2", "--batch-size", "2", "--block-size", "32",
+                     "--teacher-batch-size", "4", "--deterministic", "-o", str(out)]) == 0
+        runs.append(QuantizedCheckpoint.load(out))
+    a, b = runs
+    assert a.recipe["train"]["keep_best"] is None and a.recipe["kept_step"] in (0, 2, 4)
+    assert a.recipe["data"]["sources"][0] == "teacher:512"
+    for name, q in a.quantized.items():
+        assert torch.equal(q.codes, b.quantized[name].codes) and torch.equal(q.scale, b.quantized[name].scale)
+    assert main(["eval", str(tmp_path / "a"), "--data", "teacher:512", "--heldout-data", str(text),
+                 "--block-size", "32"]) == 0

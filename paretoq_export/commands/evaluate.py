@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from paretoq_export.canonical.atomic import check_output, write_text_atomic
     from paretoq_export.canonical.checkpoint import CheckpointError, QuantizedCheckpoint
     from paretoq_export.pipeline import heldout_perplexity
-    from qat.data import build_data
+    from qat.data import build_heldout
 
     if args.json:
         check_output(args.json, overwrite=True)  # an unwritable result fails before the evaluation runs
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = ckpt.load_tokenizer()
     if tokenizer is None:
         raise CheckpointError(f"{args.checkpoint} has no tokenizer files: re-create it with a tokenizer")
-    _, heldout = build_data(tokenizer, data_config(args))
+    heldout = build_heldout(tokenizer, data_config(args))  # never samples teacher data
     reference = ckpt.build_reference_model().to("cuda" if torch.cuda.is_available() else "cpu")
     ppl = heldout_perplexity(reference, heldout, args.max_blocks)
     result = {"checkpoint": str(args.checkpoint), "heldout_ppl": ppl, "blocks": min(len(heldout), args.max_blocks),

@@ -36,7 +36,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="blend from float into quantized weights over this fraction of the steps (0: off)")
     p.add_argument("--alpha-lr-scale", type=float, default=None, help="the alphas' lr relative to the weights'")
     p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of steps")
-    p.add_argument("--eval-every", type=int, default=0, help="held-out perplexity every N steps (0: only at the end)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="held-out perplexity every N steps (default: about 8 evaluations a run; 0: only at the end)")
+    p.add_argument("--keep-best", dest="keep_best", action="store_true", default=None,
+                   help="end with the weights of the best held-out evaluation (default: on when there is held-out "
+                        "data)")
+    p.add_argument("--no-keep-best", dest="keep_best", action="store_false", help="end with the last step's weights")
+    p.add_argument("--distill-topk", type=int, default=0, metavar="K",
+                   help="distil only the teacher's top-K tokens per position (0: the full distribution)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels and reduction order: two identical runs give identical checkpoints "
+                        "(slower on GPU)")
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--distill", type=float, default=None, metavar="W",
                    help="knowledge distillation from the float model: loss = (1-W)*CE + W*KL (0 = off; default: "
@@ -69,7 +79,8 @@ def train_config(args: argparse.Namespace):
     return TrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         warmup_steps=args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20),
-        eval_every=args.eval_every, eval_batches=args.eval_batches, seed=args.seed,
+        eval_every=args.eval_every, eval_batches=args.eval_batches, seed=args.seed, keep_best=args.keep_best,
+        distill_topk=args.distill_topk, deterministic=args.deterministic,
         gradient_checkpointing=args.gradient_checkpointing,
         parallel=args.parallel, fused=args.fused,
         output_dir=args.state_dir or f"{args.output.rstrip('/')}.train", save_every=args.save_every,
@@ -78,6 +89,10 @@ def train_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.deterministic:  # cuBLAS reads it when CUDA starts: before any model or tensor reaches the GPU
+        import os
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     from paretoq_export.pipeline import run_qat
     from qat.recipe import apply_recipe
 
