@@ -12,8 +12,9 @@ reference, the format's own runtime checks, optionally zero-shot accuracy. One r
      "verdict": {"passed", "failures", "thresholds"}}
 
 written atomically by ``write_report``; the model card reads it. The verdict judges the metrics against pass/fail
-thresholds (``ExportFormat.thresholds``, per format; every caller can change them): the weights are exact, so what remains is
-activation arithmetic (int8 activations in ExecuTorch), and a wrong norm epsilon, rope or vocabulary fails clearly.
+thresholds (``ExportFormat.thresholds``, per format; every caller can change them): the weights are exact, so what
+remains is activation arithmetic (int8 activations in ExecuTorch), and a wrong norm epsilon, rope or vocabulary
+fails clearly.
 Every failure to read or open the artifact is one ValidateError line: a damaged file is the user's to re-export.
 """
 
@@ -123,8 +124,10 @@ def compare_tokenizers(fmt: ExportFormat, path: Path, ckpt: QuantizedCheckpoint,
               "first_difference": None}
     if ids != expected:
         i = next((k for k, (a, b) in enumerate(zip(expected, ids)) if a != b), min(len(ids), len(expected)))
-        show = lambda seq: tokenizer.convert_ids_to_tokens(seq[i:i + 3]) if i < len(seq) else "end of text"  # noqa: E731
-        result["first_difference"] = f"token {i}: transformers {show(expected)}, artifact {show(ids)}"
+        def around(seq: list[int]):
+            return tokenizer.convert_ids_to_tokens(seq[i:i + 3]) if i < len(seq) else "end of text"
+
+        result["first_difference"] = f"token {i}: transformers {around(expected)}, artifact {around(ids)}"
     return result
 
 

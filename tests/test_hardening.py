@@ -93,11 +93,13 @@ def add_tokenizer_code(folder: Path, marker: Path) -> None:
     """An auto_map in tokenizer_config.json and the tokenization_*.py it names, which leaves ``marker`` if run."""
     config_path = folder / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
-    config.update(auto_map={"AutoTokenizer": [None, "tokenization_evil.EvilTokenizer"]}, tokenizer_class="EvilTokenizer")
+    config.update(auto_map={"AutoTokenizer": [None, "tokenization_evil.EvilTokenizer"]},
+                  tokenizer_class="EvilTokenizer")
     config_path.write_text(json.dumps(config))
     (folder / "tokenization_evil.py").write_text(
         f"open({str(marker)!r}, 'w').write('ran')\n"
-        "from transformers import PreTrainedTokenizerFast\n\n\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+        "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
 
 
 def test_model_tokenizer_code_needs_the_flag(tmp_path, capsys, monkeypatch):

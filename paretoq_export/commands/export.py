@@ -3,10 +3,10 @@ below 1B parameters) validate it in its runtime with the one validation every co
 the report lands beside the file (``<file>.validation.json``; inside an ONNX folder ``validation.json``).
 
 ``-o`` means the same for every format: an existing folder (other than an ONNX folder itself), or a path ending
-in ``/``, gets the format's default name inside it; any other path is the output itself. The export is written, read back and (where on) validated
-in a hidden staging folder beside the output (``.<name>.partial-<pid>-XXXX``) and moved to its final name only
-when all of that passed, so a file at the final name is always whole and checked; a run killed midway leaves only
-the staging folder, which the next run removes.
+in ``/``, gets the format's default name inside it; any other path is the output itself. The export is written,
+read back and (where on) validated in a hidden staging folder beside the output (``.<name>.partial-<pid>-XXXX``)
+and moved to its final name only when all of that passed, so a file at the final name is always whole and checked;
+a run killed midway leaves only the staging folder, which the next run removes.
 
 Every format in formats.registry is a subcommand with its own options; ``--format FORMAT`` is the shortcut
 (``paretoq-export --format gguf CKPT`` is ``paretoq-export export gguf CKPT``).
@@ -62,18 +62,22 @@ def final_output(fmt, output: str | None, checkpoint_dir: Path, checkpoint, opti
     in a slash / (no -o) the checkpoint's parent folder."""
     if output is None:
         return Path(checkpoint_dir).resolve().parent / fmt.default_name(checkpoint, options)
-    if output.endswith(("/", os.sep)) or (Path(output).is_dir() and not _is_artifact(fmt, Path(output))):
+    if names_a_folder(fmt, output):
         return Path(output) / fmt.default_name(checkpoint, options)
     return Path(output)
 
 
-def _is_artifact(fmt, path: Path) -> bool:
-    """An existing folder that is itself an export of a folder format (an ONNX folder): -o names it, not a place
-    to put one in (replacing it takes --overwrite)."""
-    try:
-        return fmt.detect(path) is not None
-    except ValueError:  # a damaged one is one too
+def names_a_folder(fmt, output: str) -> bool:
+    """-o is a place to put the export in: a path ending in a slash, or an existing folder that is not itself an
+    export of a folder format (an ONNX folder given by name is the output; replacing it takes --overwrite)."""
+    if output.endswith(("/", os.sep)):
         return True
+    if not Path(output).is_dir():
+        return False
+    try:
+        return fmt.detect(Path(output)) is None
+    except ValueError:  # a damaged export is an export too
+        return False
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,9 +87,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     fmt = format_named(args.format)
     if args.output is not None:  # an unwritable place fails before the checkpoint is read
-        folder_given = args.output.endswith(("/", os.sep)) or (Path(args.output).is_dir()
-                                                               and not _is_artifact(fmt, Path(args.output)))
-        check_output(Path(args.output) / "x" if folder_given else args.output, overwrite=True, folder=not fmt.suffix)
+        probe = Path(args.output) / "x" if names_a_folder(fmt, args.output) else Path(args.output)
+        check_output(probe, overwrite=True, folder=not fmt.suffix)
     ckpt = QuantizedCheckpoint.load(args.checkpoint, verify=args.verify)
     ckpt.load_tokenizer()  # a tokenizer that needs its own code fails here, in one line, before any work
     options = fmt.options_from_args(args)
@@ -101,11 +104,7 @@ def run(args: argparse.Namespace) -> int:
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{os.getpid()}-", dir=output.parent))
     published = False
     try:
-        try:
-            _export_staged(args, fmt, ckpt, options, staging / output.name, output)
-        except ValidationFailed as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        _export_staged(args, fmt, ckpt, options, staging / output.name, output)
         # beside files first (tokenizer.json of a .pte, the validation report), the artifact last: at its final
         # name it is whole
         for extra in sorted(p for p in staging.iterdir() if p.name != output.name):
@@ -127,8 +126,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _export_staged(args: argparse.Namespace, fmt, ckpt, options, staged: Path, output: Path) -> None:
-    """Export to ``staged``, then read back and validate it there; ValidationFailed (exit 2, nothing published)
-    when the thresholds fail."""
+    """Export to ``staged``, then read back and validate it there; ValidationFailed (one error line, exit 2,
+    nothing published) when the thresholds fail."""
     from formats.validation import readback, report_path, thresholds_for, validate_artifact, verdict_line, write_report
     from paretoq_export.validation_text import (
         ValidationTextError, validate_by_default, validation_text, validation_token_ids,
@@ -141,6 +140,7 @@ def _export_staged(args: argparse.Namespace, fmt, ckpt, options, staged: Path, o
         return
     if artifact.cannot_run_here:
         print(f"validation skipped: {artifact.cannot_run_here}", file=sys.stderr)
+        readback(fmt, artifact.path, ckpt)
         return
     try:
         ids = validation_token_ids(ckpt, args.text, fmt.validation_tokens(artifact, args.validate_tokens))
