@@ -78,7 +78,8 @@ def format_report(report: dict) -> str:
     tok = report.get("tokenizer")
     if tok:
         lines.append(f"{'tokenizer':<22}" + (f"same ids as transformers on {tok['tokens']} tokens" if tok["equal"]
-                                             else f"DIFFERS from transformers at {tok['first_difference']}"))
+                                             else f"DIFFERS from transformers ({tok.get('agreement', 0):.2%} of ids agree) at "
+                                                  f"{tok['first_difference']}"))
     lines += [
         f"{'tokens':<22}{m['tokens']}",
         f"{'mean KL (nats)':<22}{m['kl_mean']:.3e}",
@@ -150,13 +151,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
     """--max-kl / --min-top1 / --max-ppl-ratio: the validation's pass/fail bounds (default: the format's)."""
-    parser.add_argument("--max-kl", type=float, default=None,
-                        help="fail above this mean KL (default: GGUF/ONNX 1e-2, ExecuTorch 5e-2)")
+    from formats.registry import FORMATS
+
+    def defaults(bound: str) -> str:
+        return "default: " + ", ".join(f"{f.title} {getattr(f.thresholds, bound):g}" for f in FORMATS.values())
+
+    parser.add_argument("--max-kl", type=float, default=None, help=f"fail above this mean KL ({defaults('max_kl')})")
     parser.add_argument("--min-top1", type=float, default=None,
-                        help="fail below this clear-margin top-1 agreement, 0..1 (default: 0.95; ExecuTorch 0.90)")
+                        help=f"fail below this clear-margin top-1 agreement, 0..1 ({defaults('min_top1')})")
     parser.add_argument("--max-ppl-ratio", type=float, default=None,
-                        help="fail when PPL artifact/reference (or its inverse) exceeds this (default 1.02; "
-                             "ExecuTorch 1.05)")
+                        help=f"fail when PPL artifact/reference, or its inverse, exceeds this ({defaults('max_ppl_ratio')})")
 
 
 def add_verify_argument(parser: argparse.ArgumentParser) -> None:

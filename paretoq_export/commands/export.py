@@ -175,8 +175,8 @@ def summary(report: dict) -> str:
              f"{m['ppl_reference']:.3f} (ratio {m['ppl_ratio']:.4f})"]
     if tok:
         lines.append(f"tokenizer: the artifact's own gives the same ids as transformers on {tok['tokens']} tokens"
-                     if tok["equal"] else f"tokenizer: the artifact's own DIFFERS from transformers at "
-                                          f"{tok['first_difference']}")
+                     if tok["equal"] else f"tokenizer: the artifact's own DIFFERS from transformers "
+                                          f"({tok.get('agreement', 0):.2%} of ids agree) at {tok['first_difference']}")
     generation = report["checks"].get("generation")
     if generation:
         lines.append(f"generation: {generation['new_tokens']} greedy tokens with KV cache "
