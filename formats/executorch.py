@@ -26,7 +26,9 @@ import numpy as np
 from formats.executorch_program import (
     LINEAR_OPS, QUANT_OPS, Delegation, eos_ids, export_program, lower_to_executorch, metadata,
 )
-from formats.executorch_weights import TARGETS, ContainerError, build_eager_model, verify_eager_weights
+from formats.executorch_weights import (
+    EMBED_KEY, TARGETS, ContainerError, build_eager_model, check_groups, verify_eager_weights,
+)
 from paretoq_export.canonical.atomic import write_bytes_atomic
 from paretoq_export.canonical.checkpoint import open_checkpoint
 from paretoq_export.canonical.grids import format_bits
@@ -82,6 +84,11 @@ def _check_options(ckpt, options: ExecuTorchOptions) -> None:
     if not 2 <= int(options.max_seq_len) <= limit:
         raise ExecuTorchExportError(f"--max-seq-len {options.max_seq_len} is outside 2..{limit} (the model's "
                                     "max_position_embeddings): choose a length in that range")
+    for key, q in ckpt.quantized.items():  # group sizes the target cannot hold: before any weight is built
+        try:
+            check_groups(key, q.group_size, q.shape[1], options.target, is_linear=key != EMBED_KEY)
+        except ContainerError as exc:
+            raise ExecuTorchExportError(str(exc)) from None
     if options.embedding_bits is not None and options.embedding_bits not in EMBEDDING_BITS:
         raise ExecuTorchExportError(f"--embedding-bits {options.embedding_bits} is not supported: use 4 or 8 "
                                     "(or leave it out for a float32 table)")

@@ -12,7 +12,9 @@ methods of the program, as the runner (extension/llm/runner) reads them.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -148,8 +150,47 @@ def delegation_of(edge_program) -> Delegation:
     return Delegation(info.num_delegated_subgraphs, info.num_delegated_nodes, info.num_non_delegated_nodes, by_op)
 
 
+# XNNPACK delegate passes that only rewrite one op family, and the edge-op name fragments that family needs: on a
+# delegate graph holding none of them the pass cannot match, yet it still re-exports its pattern graphs (bilinear
+# upsampling: ~4 s per delegate here, SDPA ~2 s) and re-traces the whole subgraph with fake tensors. SmolLM2 has
+# 30 delegates; skipping these where they cannot apply cuts the lowering time (docs/BENCHMARKS.md) without changing
+# a byte of the program (checked on a tiny mixed-bit model with an 8-bit table: identical .pte bytes).
+_XNNPACK_PASS_OPS = {
+    "ConvertToUpsampleBilinear2d": ("upsample", "index"),
+    "ConvertToSDPAPass": ("softmax",),
+    "FuseBatchNormPass": ("batch_norm",),
+    "DecomposeBatchNorm": ("batch_norm",),
+    "Conv1dUnsqueezePass": ("convolution",),
+    "PReLUReshapePass": ("prelu",),
+}
+
+
+@contextlib.contextmanager
+def applicable_xnnpack_passes(enabled: bool = True) -> Iterator[None]:
+    """While lowering: XNNPACK's preprocess runs only the passes of its default list that can match the delegate's
+    graph (``_XNNPACK_PASS_OPS``); every other pass runs as upstream has it."""
+    from executorch.backends.xnnpack import xnnpack_preprocess
+
+    upstream = xnnpack_preprocess.XNNPACKPassManager
+
+    class ApplicablePasses(upstream):
+        def __init__(self, exported_program, passes=None):
+            super().__init__(exported_program, passes)
+            if passes:
+                return
+            targets = " ".join(str(n.target) for n in exported_program.graph.nodes if n.op == "call_function")
+            self.passes = [p for p in self.passes if not (
+                p.__name__ in _XNNPACK_PASS_OPS and not any(op in targets for op in _XNNPACK_PASS_OPS[p.__name__]))]
+
+    xnnpack_preprocess.XNNPACKPassManager = ApplicablePasses if enabled else upstream
+    try:
+        yield
+    finally:
+        xnnpack_preprocess.XNNPACKPassManager = upstream
+
+
 def lower_to_executorch(program: torch.export.ExportedProgram, constant_methods: dict,
-                        quantized_embedding: bool = False):
+                        quantized_embedding: bool = False, skip_inapplicable_passes: bool = True):
     """XNNPACK-partitioned edge program -> (ExecutorchProgramManager, Delegation).
 
     A quantized embedding table becomes quantized_decomposed::embedding_{4bit,byte} (executorch's quant fusion
@@ -157,10 +198,11 @@ def lower_to_executorch(program: torch.export.ExportedProgram, constant_methods:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
 
-    edge = to_edge_transform_and_lower(
-        program, partitioner=[XnnpackPartitioner()], constant_methods=constant_methods,
-        compile_config=EdgeCompileConfig(_check_ir_validity=False),  # torchao quant ops are not core ATen
-    )
+    with applicable_xnnpack_passes(skip_inapplicable_passes):
+        edge = to_edge_transform_and_lower(
+            program, partitioner=[XnnpackPartitioner()], constant_methods=constant_methods,
+            compile_config=EdgeCompileConfig(_check_ir_validity=False),  # torchao quant ops are not core ATen
+        )
     if quantized_embedding:
         import executorch.kernels.quantized  # noqa: F401  registers quantized_decomposed embedding ops
         from executorch.exir.passes.quant_fusion_pass import quant_fusion_and_const_prop_pass

@@ -30,6 +30,27 @@ def xnnpack_weight_bytes(qdata: np.ndarray, bits: int) -> bytes:
     return (flat[1::2] << 4 | flat[0::2]).astype(np.uint8).tobytes()
 
 
+def embedding_table_bytes(q) -> tuple[bytes, bytes]:
+    """The bytes of a per-row quantized embedding table as executorch's quantized embedding op stores them: int8
+    codes k = q - z (``quantized_decomposed::embedding_byte``'s weight) and the fp32 per-row steps."""
+    import torch
+
+    from formats.executorch_weights import intx_weight
+
+    w = intx_weight(q.codes, q.scale, q.grid, "x86", dynamic_activations=False)
+    return (np.ascontiguousarray(w.qdata.numpy(), dtype=np.int8).tobytes(),
+            w.scale.reshape(-1).to(torch.float32).contiguous().numpy().tobytes())
+
+
+def find_embedding_table(data: bytes, q) -> bool | None:
+    """The quantized lookup table found in the .pte bytes by content (codes and steps, bit for bit); None for a
+    4-bit table, whose nibble packing is the op's own (not checked here)."""
+    if q.grid.code_bits != 8:
+        return None
+    codes, steps = embedding_table_bytes(q)
+    return data.find(codes) >= 0 and data.find(steps) >= 0
+
+
 def verify_executorch_readback(path: Path, ckpt) -> dict:
     """The .pte's XNNPACK constants vs the checkpoint. XNNPACK files every constant in the program's named data
     under the sha256 of its bytes (scales under "scale_" + sha256), without tensor names: each quantized linear's
@@ -44,7 +65,8 @@ def verify_executorch_readback(path: Path, ckpt) -> dict:
         from executorch.exir._serialize._program import deserialize_pte_binary
     except ImportError as exc:
         raise ImportError("reading .pte files needs executorch: pip install 'paretoq-export[executorch]'") from exc
-    named = deserialize_pte_binary(path.read_bytes()).named_data
+    raw = path.read_bytes()
+    named = deserialize_pte_binary(raw).named_data
     entries = named.pte_data if named is not None else {}
 
     def data(key: str) -> bytes:
@@ -74,6 +96,10 @@ def verify_executorch_readback(path: Path, ckpt) -> dict:
         if len(bare) == 64 and _sha256(data(key)) != bare:
             raise ArtifactError(f"read-back of {path} failed: {owner.get(key, f'XNNPACK constant {key[:16]}...')} "
                                 "does not match its content hash (the file is corrupt: re-export it)")
+    table = find_embedding_table(raw, ckpt.quantized[emb]) if emb in ckpt.quantized else None
+    if table is False:
+        raise ArtifactError(f"read-back of {path} failed: the quantized embedding table ({emb}: int8 codes and fp32 "
+                            "steps) is not in the .pte (it was not exported from this checkpoint: re-export it)")
     exact, lossy, rel_err = 0, [], 0.0
     head = ckpt.tensors.get("lm_head.weight", ckpt.tensors.get(emb) if ckpt.tied and emb not in ckpt.quantized else None)
     head_note = ""
@@ -96,9 +122,13 @@ def verify_executorch_readback(path: Path, ckpt) -> dict:
             raise ArtifactError(f"read-back of {path} failed: the scales of {name} are not in the .pte (it was not "
                                 "exported from this checkpoint: re-export it)")
     n_quant = sum(q is not None for q in linears.values())
+    checked = len(linears) + (table is True)
+    exact += table is True
+    table_note = ("the quantized embedding table found bit for bit (int8 codes, fp32 steps); norms not read back"
+                  if table else "norms and embedding table not read back")
     note = (f"{n_quant} quantized linears{' and the float lm_head' if n_quant < len(linears) else ''} found in the "
-            f"XNNPACK constants by content hash, codes bit-exact; norms and embedding table not read back{head_note}")
+            f"XNNPACK constants by content hash, codes bit-exact; {table_note}{head_note}")
     if lossy:
         note += (f"; {len(lossy)} linears have their per-row scales stored as bf16 by XNNPACK's int4 path (max "
                  f"relative error {rel_err:.2g}): not bit-exact")
-    return {"checked": len(linears), "exact": exact, "mismatches": lossy, "note": note}
+    return {"checked": checked, "exact": exact, "mismatches": lossy, "note": note}

@@ -17,6 +17,11 @@ integers ``k * (q - z)`` and step ``s / k`` with k = 2 where z is a half-integer
 
 Both scalings are exact in float32: s is fp16, so s/2 is exact, and the products are the same real numbers as
 s * (q - z), rounded once. ``verify_eager_weights`` proves it tensor by tensor.
+
+Per-group steps (one per G consecutive columns, ``QuantizedTensor.scale`` [out, in // G]) become the tensor's
+block size (1, G): XNNPACK runs them as int4 groups (qb4w, bf16 scales) when G is a multiple of 32
+(executorch/backends/xnnpack/operators/node_visitor.py); it has no 8-bit groupwise weights, so x86-int8 refuses
+them (``check_groups``), as does the quantized embedding lookup (per-row tables only).
 """
 
 from __future__ import annotations
@@ -62,9 +67,28 @@ def container_for(grid: Grid, target: str = "x86") -> Container:
     return Container(torch.int4 if target == "x86" and form.fits_signed(4) else torch.int8, form.mult)
 
 
+XNNPACK_GROUP_MULTIPLE = 32  # qb4w group sizes XNNPACK accepts
+
+
+def check_groups(key: str, group_size: int, in_features: int, target: str, is_linear: bool = True) -> None:
+    """Refuse, in one line, a per-group step layout the target cannot hold (per-row steps always pass)."""
+    if group_size == in_features:
+        return
+    if not is_linear:
+        raise ContainerError(f"{key} has per-group steps (G={group_size}); ExecuTorch's quantized embedding lookup "
+                             "holds per-row steps only: quantize the embedding per row")
+    if target == "x86-int8":
+        raise ContainerError(f"{key} has per-group steps (G={group_size}) and XNNPACK has no 8-bit groupwise weights: "
+                             "use --target x86 (int4 groups) or a per-row checkpoint for --target x86-int8")
+    if target == "x86" and group_size % XNNPACK_GROUP_MULTIPLE:
+        raise ContainerError(f"{key} has group size {group_size}, and XNNPACK's int4 groups must be a multiple of "
+                             f"{XNNPACK_GROUP_MULTIPLE}: re-quantize with --group-size 32, 64, 128 or 256")
+
+
 def intx_weight(codes: torch.Tensor, step: torch.Tensor, grid: Grid, target: str = "x86",
                 dynamic_activations: bool = True) -> torch.Tensor:
-    """One quantized weight [out, in] as a per-row (per-channel) IntxUnpackedToInt8Tensor, exactly.
+    """One quantized weight [out, in] as an IntxUnpackedToInt8Tensor, exactly: per row (per channel) for steps
+    [out], per group of G columns (block size (1, G)) for steps [out, in // G].
 
     ``dynamic_activations``: int8 asymmetric per-token activations (what XNNPACK's 8da4w kernels run);
     False for embedding tables (weight-only lookup)."""
@@ -79,14 +103,15 @@ def intx_weight(codes: torch.Tensor, step: torch.Tensor, grid: Grid, target: str
     lo, hi = -(2 ** (c.bits - 1)), 2 ** (c.bits - 1) - 1
     if qdata.min() < lo or qdata.max() > hi or not torch.equal(qdata, qdata.round()):
         raise ContainerError(f"{grid.name} codes do not fit {c.dtype}: the checkpoint is corrupt")
-    rows = codes.shape[0]
-    scale = (step.to(torch.float32) / c.mult).reshape(rows, 1)
+    rows, cols = codes.shape
+    scale = (step.to(torch.float32) / c.mult).reshape(rows, -1)
+    group = cols // scale.shape[1]
     if c.offset:
-        zero_point = torch.full((rows, 1), c.offset, dtype=torch.float32)
+        zero_point = torch.full(scale.shape, c.offset, dtype=torch.float32)
     else:
-        zero_point = torch.zeros((rows, 1), dtype=torch.int8)
+        zero_point = torch.zeros(scale.shape, dtype=torch.int8)
     return IntxUnpackedToInt8Tensor(
-        qdata.to(torch.int8), scale, zero_point, c.dtype, (1, codes.shape[1]), torch.float32,
+        qdata.to(torch.int8), scale, zero_point, c.dtype, (1, group), torch.float32,
         ActQuant.INT8_ASYM_PER_TOKEN if dynamic_activations else None,
     )
 
@@ -135,6 +160,7 @@ def build_eager_model(ckpt, target: str = "x86", embedding_bits: int | None = No
     for key, q in tqdm(sorted(quantized.items()), desc="quantized weights", unit="tensor", disable=disable):
         module = model.get_submodule(key.removesuffix(".weight"))
         is_linear = isinstance(module, nn.Linear)
+        check_groups(key, q.group_size, q.shape[1], target, is_linear)
         _set_weight(module, intx_weight(q.codes, q.scale, q.grid, target if is_linear else "x86", is_linear))
         # (embedding tables: lsq8/lsq4 lookups, the same container for every target)
         if key == EMBED_KEY:

@@ -74,6 +74,19 @@ def test_container_dequantizes_exactly(grid_name, target):
         assert c.bits == {"binary": 1, "ternary": 2, "seq2": 2, "lsq3": 3, "lsq4": 4, "lsq8": 8}[grid_name]
 
 
+@pytest.mark.parametrize("grid_name", sorted(GRIDS))
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+def test_grouped_container_dequantizes_exactly(grid_name, group):
+    """Per-group steps [out, in // G] become the tensor's block size (1, G), exactly, every grid and G."""
+    grid = GRIDS[grid_name]
+    rng = np.random.default_rng(11)
+    codes = torch.from_numpy(rng.integers(0, grid.n_codes, (5, 512)).astype(np.uint8))
+    step = torch.from_numpy(np.exp(rng.normal(-3, 2, (5, 512 // group))).astype(np.float16))
+    weight = intx_weight(codes, step, grid, "x86")
+    assert weight.block_size == (1, group) and weight.scale.shape == (5, 512 // group)
+    assert torch.equal(weight.dequantize(), dequantize_codes(codes, step, grid))
+
+
 def test_seq2_odd_integers_half_step():
     grid = GRIDS["seq2"]
     codes = torch.tensor([[0, 1, 2, 3]], dtype=torch.uint8)
@@ -93,6 +106,27 @@ def test_eager_model_equals_checkpoint(target):
         ref = ckpt.build_reference_model()(ids).logits
         got = model(ids).logits  # torchao eager: int8 dynamic activations, dequantized weights
     assert (got - ref).abs().max() < 0.05
+
+
+def test_xnnpack_passes_that_cannot_match_are_skipped():
+    """Lowering skips XNNPACK's single-op-family passes whose ops the delegate graph lacks, and only those."""
+    from executorch.backends.xnnpack import xnnpack_preprocess
+
+    from formats.executorch_program import applicable_xnnpack_passes
+
+    class Block(torch.nn.Module):
+        def forward(self, x, y):
+            return torch.nn.functional.silu(torch.nn.functional.linear(x, y)).softmax(-1)
+
+    program = torch.export.export(Block(), (torch.randn(2, 8), torch.randn(4, 8)))
+    upstream = xnnpack_preprocess.XNNPACKPassManager(program).passes
+    with applicable_xnnpack_passes():
+        kept = xnnpack_preprocess.XNNPACKPassManager(program).passes
+        assert xnnpack_preprocess.XNNPACKPassManager(program, passes=upstream[:1]).passes == upstream[:1]
+    assert xnnpack_preprocess.XNNPACKPassManager(program).passes == upstream  # restored
+    skipped = {p.__name__ for p in upstream} - {p.__name__ for p in kept}
+    assert skipped == {"ConvertToUpsampleBilinear2d", "FuseBatchNormPass", "DecomposeBatchNorm",
+                       "Conv1dUnsqueezePass", "PReLUReshapePass"}  # softmax present: the SDPA pass stays
 
 
 # ------------------------------------------------------------------------------------------------ tiny .pte files
@@ -218,6 +252,75 @@ def test_arm64_target(tmp_path):
         pytest.skip("torchao lowbit kernels present (Arm64): the refusal below does not apply")
     with pytest.raises(E.ExecuTorchExportError, match="--target arm64 needs torchao's lowbit kernels.*Arm64"):
         E.export_executorch(ckpt, tmp_path / "a.pte", E.ExecuTorchOptions(target="arm64", progress=False))
+    assert list(tmp_path.iterdir()) == []
+
+
+# group sizes, in one lowering: q/k/o/down at G = 32/64/128/256 (down's rows are 512 wide), the rest per row, all five
+# grids, and an 8-bit embedding from the checkpoint (lookup + tied head on the same codes)
+GROUPS = {"q_proj": 32, "k_proj": 64, "o_proj": 128, "down_proj": 256}
+
+
+@functools.lru_cache(maxsize=None)
+def grouped_checkpoint():
+    from qat.checkpoint_io import QATCheckpoint
+    from qat.prepare import QATConfig, prepare
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    config = QATConfig(bits=2, overrides=dict(MIXED_BITS), group_overrides=GROUPS, embedding_bits=8)
+    model = prepare(tiny_model("llama", layers=1), config)
+    return QATCheckpoint.from_qat_model(model, tiny_tokenizer(), recipe={"method": "rtn", "test": True})
+
+
+def test_group_sizes_and_quantized_embedding_run_exactly(tmp_path):
+    from formats.executorch_readback import verify_executorch_readback
+
+    ckpt = grouped_checkpoint()
+    sizes = {k.split(".")[-2]: q.group_size for k, q in ckpt.quantized.items() if k.startswith("model.layers.")}
+    assert {k: sizes[k] for k in GROUPS} == GROUPS and sizes["v_proj"] == 256  # per row
+    assert ckpt.quantized["model.embed_tokens.weight"].grid.name == "lsq8"
+    result = E.export_executorch(ckpt, tmp_path / "g.pte", E.ExecuTorchOptions(max_seq_len=128, progress=False))
+    assert result.weights["exact"] == result.weights["tensors"] == 8  # 7 linears + the table, in the eager model
+    assert result.linears_delegated(), result.delegation.to_json()
+    # the table is executorch's quantized embedding op, the tied head an XNNPACK 8-bit linear on the same codes
+    lookups = {op: n for op, n in result.delegation.by_op.items() if "embedding" in op}
+    assert [op for op in lookups if "embedding_byte" in op] and not [op for op in lookups if "aten" in op], lookups
+    report = verify_executorch_readback(result.path, ckpt)
+    assert report["checked"] == 9 and "embedding table found bit for bit" in report["note"], report
+    # int4 linears carry bf16 scales (XNNPACK's qb4w, per row or per group): codes exact, steps rounded; the 8-bit
+    # tied head keeps fp32 per-channel steps: bit-exact
+    assert "lm_head.weight" not in report["mismatches"] and report["exact"] >= 2, report
+    m = validate_artifact(result.path, ckpt, _ids(48))["metrics"]
+    _check_close(m)
+    # a table that is not this checkpoint's is caught by content
+    other = type(ckpt)(ckpt.config, dict(ckpt.quantized), ckpt.tensors, ckpt.tokenizer_files, ckpt.recipe)
+    table = ckpt.quantized["model.embed_tokens.weight"]
+    codes = table.codes.clone()
+    codes[7, 3] = (int(codes[7, 3]) + 1) % 256
+    other.quantized["model.embed_tokens.weight"] = type(table)(codes, table.scale, table.grid)
+    from formats.protocol import ArtifactError
+
+    with pytest.raises(ArtifactError, match="quantized embedding table"):
+        verify_executorch_readback(result.path, other)
+
+
+def test_group_sizes_the_target_cannot_hold_are_refused(tmp_path):
+    """x86-int8 has no groupwise 8-bit weights in XNNPACK; XNNPACK's int4 groups are multiples of 32; the
+    quantized lookup holds per-row tables: one line each, before any weight is built, nothing written."""
+    from paretoq_export.canonical.checkpoint import QuantizedTensor
+
+    ckpt = grouped_checkpoint()
+    with pytest.raises(E.ExecuTorchExportError, match=r"per-group steps \(G=32\).*no 8-bit groupwise.*--target x86"):
+        E.export_executorch(ckpt, tmp_path / "a.pte", E.ExecuTorchOptions(target="x86-int8", progress=False))
+    q = ckpt.quantized["model.layers.0.self_attn.q_proj.weight"]
+    g16 = QuantizedTensor(q.codes, q.scale.float().repeat_interleave(2, dim=1).half(), q.grid)
+    table = ckpt.quantized["model.embed_tokens.weight"]
+    grouped_table = QuantizedTensor(table.codes, table.scale.float()[:, None].repeat(1, 8).half(), table.grid)
+    for key, tensor, pattern in (
+            ("model.layers.0.self_attn.q_proj.weight", g16, r"group size 16.*multiple of 32.*--group-size 32"),
+            ("model.embed_tokens.weight", grouped_table, r"per-group steps \(G=32\).*embedding lookup.*per row")):
+        bad = type(ckpt)(ckpt.config, {**ckpt.quantized, key: tensor}, ckpt.tensors, ckpt.tokenizer_files, ckpt.recipe)
+        with pytest.raises(E.ExecuTorchExportError, match=pattern):
+            E.export_executorch(bad, tmp_path / "a.pte", E.ExecuTorchOptions(progress=False))
     assert list(tmp_path.iterdir()) == []
 
 
