@@ -160,7 +160,8 @@ def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-top1", type=float, default=None,
                         help=f"fail below this clear-margin top-1 agreement, 0..1 ({defaults('min_top1')})")
     parser.add_argument("--max-ppl-ratio", type=float, default=None,
-                        help=f"fail when PPL artifact/reference, or its inverse, exceeds this ({defaults('max_ppl_ratio')})")
+                        help=f"fail when PPL artifact/reference, or its inverse, exceeds this "
+                             f"({defaults('max_ppl_ratio')})")
 
 
 def add_verify_argument(parser: argparse.ArgumentParser) -> None:

@@ -224,6 +224,7 @@ class QuantizedCheckpoint:
             config = json.loads(json.dumps(dict(self.config, quantization_config=qconfig), default=str))
             config["quantization_config"]["config_sha256"] = config_sha256(config)
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            type(self).load(tmp)  # read back (hashes, shapes, config vs tensors) before it takes its final name
         return path
 
     @classmethod
