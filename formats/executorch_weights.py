@@ -71,8 +71,12 @@ XNNPACK_GROUP_MULTIPLE = 32  # qb4w group sizes XNNPACK accepts
 
 
 def check_groups(key: str, group_size: int, in_features: int, target: str, is_linear: bool = True) -> None:
-    """Refuse, in one line, a per-group step layout the target cannot hold (per-row steps always pass)."""
+    """Refuse, in one line, a step layout the target cannot hold, before any lowering."""
     if group_size == in_features:
+        # XNNPACK runs int4 per-row weights as one group of the row: it asserts after minutes of lowering otherwise
+        if target == "x86" and is_linear and in_features % XNNPACK_GROUP_MULTIPLE:
+            raise ContainerError(f"{key} is {in_features} wide, and XNNPACK's int4 weights need a multiple of "
+                                 f"{XNNPACK_GROUP_MULTIPLE}: export with --target x86-int8 (int8 per row, any width)")
         return
     if not is_linear:
         raise ContainerError(f"{key} has per-group steps (G={group_size}); ExecuTorch's quantized embedding lookup "

@@ -254,6 +254,19 @@ def test_llama_cpp_refusing_a_file_is_one_line(tmp_path, capsys, ckpt_dir, gguf_
     assert_one_error(code, err, "llama.cpp could not load", "unknown model architecture", "re-export")
 
 
+def test_executorch_int4_width_refused_before_lowering(tmp_path, capsys):
+    pytest.importorskip("executorch")
+    from qat.checkpoint_io import QATCheckpoint
+    from qat.prepare import QATConfig, prepare
+
+    model = prepare(tiny_model("llama", hidden=48, intermediate=96, layers=1), QATConfig(bits=2))
+    ckpt_dir = QATCheckpoint.from_qat_model(model, tiny_tokenizer()).save(tmp_path / "ck")
+    start = time.monotonic()
+    code, _, err = run_cli(capsys, "--format", "executorch", ckpt_dir, "-o", f"{tmp_path}/out/")
+    assert_one_error(code, err, "48 wide", "multiple of 32", "--target x86-int8")
+    assert time.monotonic() - start < 30 and not (tmp_path / "out").exists()  # lowering takes minutes
+
+
 def test_refused_pickle_is_one_line(tmp_path, capsys):
     model = save_tiny_model_dir(tmp_path / "model")
     state = tiny_model("llama").state_dict()

@@ -204,3 +204,20 @@ def test_executorch_validates_and_corruption_is_named(tmp_path, capsys, ckpt_dir
     _flip(bad, data.index(packed) + len(packed) // 2, n=1)
     code, out, err = _validate(capsys, bad, "--checkpoint", ckpt_dir, "--text", __file__, "--max-tokens", 96)
     assert code == 2 and err.count("\n") == 1 and "model.layers.1.mlp.up_proj.weight" in err, err
+
+
+def test_verdict_thresholds_per_format_and_overrides():
+    from formats.validation import judge, thresholds_for
+
+    assert thresholds_for("executorch").max_kl > thresholds_for("gguf").max_kl  # int8 activations
+    assert thresholds_for("gguf", min_top1=0.5).min_top1 == 0.5
+    good = {"metrics": {"kl_mean": 1e-6, "top1_clear_margin": 1.0, "top1": 0.99, "ppl_ratio": 1.0001}, "checks": {}}
+    assert judge(good, thresholds_for("gguf"))["passed"]
+    # a wrong rms_norm_eps: top-1 2.35% is what the issue saw pass with exit 0
+    bad = {"metrics": {"kl_mean": 3.1, "top1_clear_margin": None, "top1": 0.0235, "ppl_ratio": 0.7}, "checks": {},
+           "tokenizer": {"equal": False, "acceptable": False, "agreement": 0.1, "first_difference": "token 3"}}
+    verdict = judge(bad, thresholds_for("gguf"))
+    assert not verdict["passed"] and len(verdict["failures"]) == 4, verdict
+    assert any("top-1 agreement 2.35%" in f for f in verdict["failures"])
+    assert judge({**good, "metrics": {**good["metrics"], "ppl_ratio": 1 / 1.03}}, thresholds_for("gguf"))[
+        "failures"] == ["PPL ratio 0.9709 outside 1/1.02..1.02"]
