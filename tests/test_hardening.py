@@ -496,9 +496,11 @@ UNICODE_TEXT = "Zürich – naïve café, 東京 and emoji 🙂; tabs\tand  doub
         strict=True, reason="GGUF vocabulary of a SentencePiece tokenizer.json without tokenizer.model")),
     ("onnx", "tokenizer.model"),
     ("onnx", "tokenizer.json only"),
+    pytest.param("executorch", "tokenizer.model", marks=pytest.mark.slow),  # lowering: a minute each
+    pytest.param("executorch", "tokenizer.json only", marks=pytest.mark.slow),
 ])
 def test_sentencepiece_artifact_tokenizer_matches_transformers(tmp_path, capsys, ships, fmt):
-    pytest.importorskip("llama_cpp" if fmt == "gguf" else "onnxruntime")
+    pytest.importorskip({"gguf": "llama_cpp", "onnx": "onnxruntime", "executorch": "executorch"}[fmt])
     from qat.checkpoint_io import QATCheckpoint
     from qat.prepare import QATConfig, prepare
 
