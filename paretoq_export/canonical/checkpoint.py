@@ -224,7 +224,9 @@ class QuantizedCheckpoint:
             config = json.loads(json.dumps(dict(self.config, quantization_config=qconfig), default=str))
             config["quantization_config"]["config_sha256"] = config_sha256(config)
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            type(self).load(tmp)  # read back (hashes, shapes, config vs tensors) before it takes its final name
+            # config vs tensors before it takes its final name (a full read-back would double the memory of a
+            # large model; the hashes written above guard every later read)
+            self.check_config_matches_tensors(path)
         return path
 
     @classmethod
