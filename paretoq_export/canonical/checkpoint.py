@@ -214,7 +214,9 @@ class QuantizedCheckpoint:
                 packed = pack_codes(q.codes.numpy(), q.grid.code_bits)
                 tensors[f"{base}.qweight"] = torch.from_numpy(packed)
                 tensors[f"{base}.scales"] = q.scale.to(torch.float16).contiguous()
-            save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", "quant_method": QUANT_METHOD})
+            # one metadata key: safetensors writes its metadata map in a random order (a Rust HashMap), and two
+            # identical checkpoints must be identical files (quant_method is in config.json)
+            save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
             for name, data in self.tokenizer_files.items():
                 if checkpoint_keeps(name):
                     (tmp / name).write_bytes(data)
