@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one step per this many weights (default 32: llama.cpp's Q4_0 blocks); 0: per row")
     parser.add_argument("--steps", type=int, default=None, help="QAT steps (default 30, ~10 min in all on 2 cores)")
     parser.add_argument("--recipe", default=None, choices=("default", "paper"), help="QAT recipe (default: default)")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-5: the recipe's GPU-batch lr is too high for 4 x 128-token steps)")
     parser.add_argument("-o", "--output-dir", default=None,
                         help="where checkpoint, GGUF files and quickstart.json go (default quickstart-out)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch and llama.cpp (default 2)")
