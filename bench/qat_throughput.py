@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -181,11 +180,9 @@ def plot(result: dict, path: Path) -> Path | None:
 
 
 def _write_json(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(result, fh, indent=2)
-    os.replace(tmp, path)
+    from paretoq_export.canonical.atomic import write_text_atomic
+
+    write_text_atomic(path, json.dumps(result, indent=2) + "\n")
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from paretoq_export.canonical.atomic import write_text_atomic
 from qat.checkpoint_io import QATCheckpoint as QuantizedCheckpoint
 from paretoq_export.model_source import load_model
 from paretoq_export.pipeline import heldout_perplexity
@@ -80,10 +81,7 @@ def zero_shot(model: torch.nn.Module, tokenizer, examples: dict[str, list[zerosh
 
 # ------------------------------------------------------------------------------------------- output
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")  # a reader never sees half a file
 
 
 def plot(results: dict, png: Path) -> Path:

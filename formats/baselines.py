@@ -11,7 +11,6 @@ runtime's float file with our exporter, then runs the runtime's own quantizer on
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -21,6 +20,7 @@ import numpy as np
 from formats.protocol import ArtifactError
 from formats.registry import detect_artifact, format_named
 from paretoq_export.canonical.atomic import atomic_dir, atomic_file
+from runtime_tests.metrics import perplexity
 
 # llama.cpp file types by name (llama_ftype suffixes), the quantizations llama.cpp users pick most
 GGUF_KINDS = ("Q8_0", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
@@ -99,7 +99,7 @@ def _onnx_baseline(kind: str, float_checkpoint, out_dir: Path, threads: int) -> 
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    model = _fold_weight_transposes(onnx.load(str(fp32 / "model.onnx")))
+    model = _fold_constant_weight_chains(onnx.load(str(fp32 / "model.onnx")))
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=32, is_symmetric=True, accuracy_level=4)
     quantizer.process()
     with atomic_dir(path) as tmp:
@@ -110,7 +110,7 @@ def _onnx_baseline(kind: str, float_checkpoint, out_dir: Path, threads: int) -> 
     return path
 
 
-def _fold_weight_transposes(model):
+def _fold_constant_weight_chains(model):
     """Our graph multiplies by Transpose(Cast(W)) with W [out, in] stored in the checkpoint's float dtype;
     onnxruntime's quantizer only takes MatMuls whose B is an initializer, so each such chain becomes one fp32
     initializer (exactly the value the chain computes)."""
@@ -175,7 +175,4 @@ def runtime_perplexity(artifact: str | os.PathLike, token_ids: Sequence[int], th
         close = getattr(runner, "close", None)
         if close is not None:
             close()
-    logits = logits[:-1]
-    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-    nll = logz - logits[np.arange(len(ids) - 1), ids[1:]]
-    return float(math.exp(nll.mean()))
+    return perplexity(logits[:-1], ids[1:])

@@ -32,7 +32,7 @@ from typing import Sequence
 
 from formats.protocol import ArtifactError, ExportFormat
 from formats.registry import detect_artifact
-from paretoq_export.canonical.atomic import atomic_file, write_text_atomic
+from paretoq_export.canonical.atomic import write_text_atomic
 from runtime_tests.bandwidth import cpu_cores, cpu_name, decode_bound_tps, mean_decode_context, measure_read_bandwidth
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -144,14 +144,13 @@ def float_baselines(output_dir: str | os.PathLike, types: Sequence[str] = ("F16"
     """GGUF baselines of the float model, the files a llama.cpp user would compare with: F16 written by our exporter
     from QATCheckpoint.from_float_model (every 2-D tensor F16, as llama.cpp's converter does), every other type
     made from that F16 file by llama.cpp's own quantizer (formats.baselines). Files already there are reused."""
-    from formats.baselines import make_baseline
+    from formats.baselines import gguf_ftype, make_baseline
 
     out = Path(output_dir)
     types = [t.upper() for t in types]
     missing = [t for t in types if not (out / f"baseline-{t}.gguf").is_file()]
     if not missing:
         return [out / f"baseline-{t}.gguf" for t in types]
-    from formats.baselines import gguf_ftype
     from paretoq_export.model_source import load_model
     from qat.checkpoint_io import QATCheckpoint
 

@@ -40,14 +40,21 @@ def _teacher_chunk(teacher, start: int, stop: int, vocab: int, temperature: floa
     return log_p, log_p.exp()
 
 
+def _flat_teacher(dense: torch.Tensor | None, top_values: torch.Tensor | None, top_indices: torch.Tensor | None,
+                  vocab: int):
+    """The teacher as [tokens, vocab] logits, or (top-k values, their indices) each [tokens, k]."""
+    if dense is not None:
+        return dense.reshape(-1, vocab)
+    return top_values.reshape(-1, top_values.shape[-1]), top_indices.reshape(-1, top_indices.shape[-1])
+
+
 class _ChunkedKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher_dense: torch.Tensor | None, top_values: torch.Tensor | None,
                 top_indices: torch.Tensor | None, temperature: float, chunk: int) -> torch.Tensor:
         batch, seq_len, vocab = student.shape
         s_flat = student.reshape(-1, vocab)
-        teacher = (top_values.reshape(-1, top_values.shape[-1]), top_indices.reshape(-1, top_indices.shape[-1])) \
-            if teacher_dense is None else teacher_dense.reshape(-1, vocab)
+        teacher = _flat_teacher(teacher_dense, top_values, top_indices, vocab)
         n_predicted = batch * (seq_len - 1)
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         with torch.autocast(student.device.type, enabled=False):
@@ -69,8 +76,7 @@ class _ChunkedKL(torch.autograd.Function):
         temperature, chunk = ctx.temperature, ctx.chunk
         batch, seq_len, vocab = student.shape
         s_flat = student.reshape(-1, vocab)
-        teacher = (top_values.reshape(-1, top_values.shape[-1]), top_indices.reshape(-1, top_indices.shape[-1])) \
-            if teacher_dense is None else teacher_dense.reshape(-1, vocab)
+        teacher = _flat_teacher(teacher_dense, top_values, top_indices, vocab)
         scale = grad_output.float() * temperature / (batch * (seq_len - 1))
         grad = torch.empty_like(s_flat)
         with torch.autocast(student.device.type, enabled=False):

@@ -10,6 +10,13 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def perplexity(logits, targets) -> float:
+    """exp(mean next-token NLL): ``logits`` [T, V] of positions whose next tokens are ``targets`` [T]."""
+    lp = _log_softmax(np.asarray(logits, dtype=np.float64))
+    targets = np.asarray(targets, dtype=np.int64).reshape(-1)
+    return float(np.exp(-lp[np.arange(len(targets)), targets].mean()))
+
+
 def compare_logits(ref_logits, test_logits, targets, margin: float | None = None) -> dict:
     """Compare [T, V] logits of a runtime with the reference's, position by position.
 

@@ -259,12 +259,7 @@ def test_quantized_embedding_and_external_data(tmp_path, embedding_bits, hidden)
     if external:
         return
     # a flipped code in the shared table fails the read-back of the lookup or of the head
-    m = ir.load(result.model_path)
-    value = m.graph.initializers["model.embed_tokens.qweight"]
-    packed = value.const_value.numpy().copy()
-    packed[5, 0, 0] ^= 1
-    value.const_value = ir.tensor(packed, name=value.name)
-    ir.save(m, result.model_path)
+    _flip_packed_bits(result.model_path, "model.embed_tokens.qweight", (5, 0, 0), 1)
     with pytest.raises(ReadbackMismatch, match=r"(lm_head|model\.embed_tokens) differs .* at \(5, 0\)"):
         verify_onnx_readback(result.path, ckpt)
 
@@ -329,16 +324,21 @@ def test_batch_with_padding_and_incremental_decode(tmp_path):
     np.testing.assert_allclose(np.concatenate(steps), full, rtol=0, atol=1e-5)
 
 
+def _flip_packed_bits(model_path, initializer: str, index: tuple, mask: int) -> None:
+    """XOR ``mask`` into one byte of a packed initializer of a saved model (a negative control for read-back)."""
+    model = ir.load(model_path)
+    value = model.graph.initializers[initializer]
+    packed = value.const_value.numpy().copy()
+    packed[index] ^= mask
+    value.const_value = ir.tensor(packed, name=value.name)
+    ir.save(model, model_path)
+
+
 def test_readback_catches_a_corrupted_weight(tmp_path):
     """Negative control: one flipped code bit in a packed initializer must fail the read-back."""
     ckpt = tiny_checkpoint("llama", 2)
     result = _export(ckpt, tmp_path / "m")
-    model = ir.load(result.model_path)
-    value = model.graph.initializers["model.layers.1.mlp.up_proj.qweight"]
-    packed = value.const_value.numpy().copy()
-    packed[3, 0, 0] ^= 0b10
-    value.const_value = ir.tensor(packed, name=value.name)
-    ir.save(model, result.model_path)
+    _flip_packed_bits(result.model_path, "model.layers.1.mlp.up_proj.qweight", (3, 0, 0), 0b10)
     with pytest.raises(ReadbackMismatch, match=r"model\.layers\.1\.mlp\.up_proj differs .* at \(3, "):
         verify_onnx_readback(result.path, ckpt)
 
