@@ -62,21 +62,19 @@ def _write_json(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")  # a reader never sees half a file
 
 
-def qat_config(spec: dict, bits: float, alpha_init: str, model: torch.nn.Module) -> QATConfig:
-    """The variant's QATConfig: group size (``group``), embedding bits (``emb``, same group size) and ``target=gguf``:
-    rows no 256-block GGUF type can hold (their length is not a multiple of 256) train as 4-bit with groups of 32,
-    i.e. exactly Q4_0, the container they would be stored in anyway; the rest at ``bits``."""
-    overrides, group_overrides = {}, {}
-    if spec.get("target") == "gguf":
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in QATConfig().target_modules \
-                    and module.in_features % 256:
-                key = name.split(".")[-1]
-                overrides[key], group_overrides[key] = 4, 32
-    elif spec.get("target"):
-        raise SystemExit(f"error: target {spec['target']!r}: only gguf here")
-    return QATConfig(bits=bits, alpha_init=alpha_init, group_size=spec.get("group"), overrides=overrides,
-                     group_overrides=group_overrides, embedding_bits=spec.get("emb"))
+def qat_config(spec: dict, bits: float, alpha_init: str) -> QATConfig:
+    """The variant's QATConfig: group size (``group``), embedding bits (``emb``, same group size) and ``target``
+    (gguf, onnx, executorch): per module the grid and group size that format stores at no extra cost, from the
+    format's own storage plan, as ``--target`` does (for GGUF, rows no 256-block type holds train 4-bit per 32,
+    exactly the Q4_0 they are stored in)."""
+    target = spec.get("target")
+    storage_plan = None
+    if target is not None:
+        from formats.registry import format_named
+
+        storage_plan = format_named(target).storage_plan
+    return QATConfig(bits=bits, alpha_init=alpha_init, group_size=spec.get("group"), embedding_bits=spec.get("emb"),
+                     target=target, storage_plan=storage_plan)
 
 
 def run_variant(spec: dict, model: torch.nn.Module, tokenizer, train_blocks: torch.Tensor, heldout: torch.Tensor,
@@ -102,7 +100,7 @@ def run_variant(spec: dict, model: torch.nn.Module, tokenizer, train_blocks: tor
         row["recipe"] = chosen.to_json()
         if "lr" not in spec and chosen.lr_for(bits) is not None:  # the recipe's lr unless the variant names one
             row["lr"] = chosen.lr_for(bits)
-        prepare(target, qat_config(spec, bits, chosen.alpha_init, model))
+        prepare(target, qat_config(spec, bits, chosen.alpha_init))
         row.update({k: spec[k] for k in ("group", "emb", "target") if k in spec})
         cfg = dataclasses.replace(cfg, lr=row["lr"], anneal_frac=chosen.anneal_frac,
                                   alpha_lr_scale=chosen.alpha_lr_scale, distill_weight=chosen.distill_weight)
