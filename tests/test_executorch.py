@@ -109,24 +109,124 @@ def test_eager_model_equals_checkpoint(target):
 
 
 def test_xnnpack_passes_that_cannot_match_are_skipped():
-    """Lowering skips XNNPACK's single-op-family passes whose ops the delegate graph lacks, and only those."""
+    """Lowering runs XNNPACK's single-op-family passes only where the graph they would see holds their ops, and an
+    explicit pass list as given; the upstream manager is back afterwards."""
     from executorch.backends.xnnpack import xnnpack_preprocess
+    from executorch.exir import EdgeCompileConfig, to_edge
 
-    from formats.executorch_program import applicable_xnnpack_passes
+    from formats.executorch_program import applicable_xnnpack_passes, xnnpack_pass_applies
 
     class Block(torch.nn.Module):
         def forward(self, x, y):
             return torch.nn.functional.silu(torch.nn.functional.linear(x, y)).softmax(-1)
 
-    program = torch.export.export(Block(), (torch.randn(2, 8), torch.randn(4, 8)))
-    upstream = xnnpack_preprocess.XNNPACKPassManager(program).passes
+    def edge(module, *args):  # linear decomposes to permute + addmm, which ConvertToLinearPass turns back
+        return to_edge(torch.export.export(module, args),
+                       compile_config=EdgeCompileConfig(_check_ir_validity=False)).exported_program()
+
+    program = edge(Block(), torch.randn(2, 8), torch.randn(4, 8))
+    upstream = xnnpack_preprocess.XNNPACKPassManager
+    names = [p.__name__ for p in upstream(program).passes]
+    ran = []
+
+    def spy(pass_):
+        class Spy(pass_):
+            def call(self, graph_module):
+                ran.append(pass_.__name__)
+                return super().call(graph_module)
+        Spy.__name__ = pass_.__name__
+        return Spy
+
     with applicable_xnnpack_passes():
-        kept = xnnpack_preprocess.XNNPACKPassManager(program).passes
-        assert xnnpack_preprocess.XNNPACKPassManager(program, passes=upstream[:1]).passes == upstream[:1]
-    assert xnnpack_preprocess.XNNPACKPassManager(program).passes == upstream  # restored
-    skipped = {p.__name__ for p in upstream} - {p.__name__ for p in kept}
-    assert skipped == {"ConvertToUpsampleBilinear2d", "FuseBatchNormPass", "DecomposeBatchNorm",
-                       "Conv1dUnsqueezePass", "PReLUReshapePass"}  # softmax present: the SDPA pass stays
+        manager = xnnpack_preprocess.XNNPACKPassManager(program)
+        manager.passes = [spy(p) for p in manager.passes]
+        manager.transform()
+        assert xnnpack_preprocess.XNNPACKPassManager(program, passes=upstream(program).passes[:1]).passes == \
+            upstream(program).passes[:1]
+    assert xnnpack_preprocess.XNNPACKPassManager is upstream  # restored
+    skipped = set(names) - set(ran)
+    assert skipped == {"ConvertToUpsampleBilinear2d", "PropagateCustomMetaPass",
+                       "FuseBatchNormPass", "DecomposeBatchNorm", "FuseActivationPass", "DecomposeConcatenate",
+                       "RemoveGetItemPass", "Conv1dUnsqueezePass", "PReLUReshapePass", "RemoveRedundantCopyPass"}
+    assert {"ConvertToSDPAPass", "ConvertToLinearPass"} <= set(ran)  # softmax, addmm present: they run
+    relu = edge(torch.nn.ReLU(), torch.randn(2, 8))
+    assert xnnpack_pass_applies("FuseActivationPass", relu.graph)
+    assert not xnnpack_pass_applies("FuseActivationPass", program.graph)
+    assert xnnpack_pass_applies("ChannelsLastTaggedReshapePass", program.graph)  # not in the table: always runs
+
+
+def test_quant_op_shape_rules_match_torchao():
+    """The fake-tensor shape rules give what torchao's bodies give on the chains a lowered linear holds (the token
+    count symbolic), only while lowering; real tensors compute as before."""
+    import sys
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+    from torchao.quantization import quant_primitives as qp
+
+    from formats.executorch_program import quant_ops_by_shape
+
+    ops = torch.ops.torchao
+    x, w = torch.randn(1, 5, 64), torch.randint(-8, 8, (16, 64), dtype=torch.int8)
+
+    def chains(x, w):
+        """8-bit activations per token (or per 32) as XNNPACK's dynamic linears take them; an int4 weight's
+        dequantize."""
+        out = []
+        for mapping, block, lo, hi in (("ASYMMETRIC", [1, 1, 64], -128, 127), ("SYMMETRIC", [1, 1, 32], -8, 7)):
+            scale, zero = ops.choose_qparams_affine(x, mapping, block, torch.int8, lo, hi, 1e-6, torch.float32,
+                                                    torch.int8 if mapping == "ASYMMETRIC" else None)
+            q = ops.quantize_affine(x, block, scale, zero, torch.int8, lo, hi)
+            out += [scale, zero, q, ops.dequantize_affine(q, block, scale, zero, torch.int8, lo, hi)]
+        return out + [ops.dequantize_affine(w, [1, 32], torch.rand(16, 2), None, torch.int8, -8, 7, torch.float16)]
+
+    helpers = {f.__code__ for f in (qp._get_and_check_qmin_qmax, qp._quantize_affine_no_dtype_cast,
+                                     qp._dequantize_affine_no_dtype_check)}  # what the bodies call, the rules not
+    body_calls = []
+
+    def fake_outputs():
+        mode = FakeTensorMode(shape_env=ShapeEnv())
+        tokens = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC, DimDynamic.DYNAMIC, DimDynamic.STATIC])
+        fx, fw = mode.from_tensor(x, symbolic_context=tokens), mode.from_tensor(w, static_shapes=True)
+        sys.setprofile(lambda frame, event, arg: body_calls.append(1) if event == "call" and
+                       frame.f_code in helpers else None)
+        try:
+            with mode:
+                return [(str(t.shape), t.dtype, str(t.stride())) for t in chains(fx, fw)]
+        finally:
+            sys.setprofile(None)
+
+    torch.manual_seed(0)
+    real = chains(x, w)
+    bodies = fake_outputs()
+    assert "s" in bodies[0][0] and len(body_calls) >= 7  # symbolic tokens; the bodies ran
+    with quant_ops_by_shape():
+        body_calls.clear()
+        rules = fake_outputs()
+        assert body_calls == []  # the rules ran, not the bodies
+        torch.manual_seed(0)
+        again = chains(x, w)
+    assert rules == bodies
+    assert all(torch.equal(a, b) for a, b in zip(real, again))
+    assert fake_outputs() == bodies and body_calls  # undone
+
+
+def test_lowering_shortcuts_leave_the_program_unchanged():
+    """The export shortcuts (XNNPACK passes that cannot match skipped, torchao's quant ops traced by shape, one
+    decomposition) write the very bytes executorch's own path writes: a mixed-bit model with an 8-bit table."""
+    from formats.executorch_program import export_program, lower_to_executorch, metadata
+    from formats.executorch_weights import build_eager_model
+
+    ckpt = tiny_checkpoint("llama", 2, MIXED_BITS, layers=1)
+    meta = metadata(ckpt.config, 64, [2])
+
+    def program_bytes(shortcuts: bool) -> bytes:
+        model = build_eager_model(ckpt, "x86", embedding_bits=8, progress=False)
+        manager, delegation = lower_to_executorch(export_program(model, 64, shortcuts), meta, True, shortcuts)
+        assert delegation.count("torchao_choose_qparams_affine_default") == (8, 0)  # 7 linears + the 8-bit head
+        return manager.buffer
+
+    assert program_bytes(True) == program_bytes(False)
 
 
 # ------------------------------------------------------------------------------------------------ tiny .pte files
