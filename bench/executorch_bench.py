@@ -1,13 +1,15 @@
 """ExecuTorch benchmark (not a test): a ParetoQ .pte vs an fp32 .pte vs the same checkpoint as GGUF in llama.cpp.
 
     python bench/executorch_bench.py [--model DIR_OR_GGUF] [--bits 2] [--threads 2] [--pp 128] [--tg 64]
-                                     [--out bench/results/executorch_bench.json]
+                                     [--baselines] [--out bench/results/executorch_bench.json]
 
 The checkpoint is RTN (same grids and containers as a QAT one, so size and speed are representative). Every file is
 timed by paretoq_export.bench in a fresh process of its own, so its peak RSS is the runtime's own: prefill is one
 call of ``pp`` tokens, decode ``tg`` single-token steps with the KV cache, median of --repeats; the GGUF (exact
 ggml types, formats/gguf.py) runs in llama-cpp-python the same way. The
 ParetoQ .pte is also validated against the PyTorch reference on held-out text (PPL ratio, KL, top-1).
+``--baselines`` adds torchao's own 8da4w post-training .pte of the float model (formats.baselines), its perplexity
+measured in the ExecuTorch runtime on the same held-out tokens.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also export each ParetoQ .pte with a 4/8-bit embedding table (tied lm_head included)")
     p.add_argument("--max-seq-len", type=int, default=512, help="KV cache length of the .pte files")
     p.add_argument("--validate-tokens", type=int, default=384, help="held-out tokens for the .pte validation (0: skip)")
+    p.add_argument("--baselines", action="store_true",
+                   help="also torchao's 8da4w .pte of the float model (ExecuTorch's own post-training quantization)")
     p.add_argument("--workdir", default=None, help="keep the files here (default: a temporary directory)")
     p.add_argument("--reuse", action="store_true",
                    help="reuse .pte files (and their .validation.json) already in --workdir instead of exporting")
@@ -116,6 +120,17 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"name": f"{name} GGUF ({gguf.file_type})", "runtime": "llama.cpp", "path": str(gguf.path),
                          "export_s": time.perf_counter() - t0, "bytes": gguf.nbytes, "types": gguf.type_counts()})
 
+    if args.baselines:
+        from formats.baselines import make_baseline, runtime_perplexity
+
+        t0 = time.perf_counter()
+        path = make_baseline("executorch", "8da4w", fp32, work, max_seq_len=args.max_seq_len)
+        row = {"name": "torchao 8da4w .pte (runtime PTQ)", "runtime": "executorch", "path": str(path),
+               "export_s": time.perf_counter() - t0, "bytes": path.stat().st_size}
+        if ids is not None:
+            row["runtime_ppl"] = runtime_perplexity(path, ids, threads=args.threads)
+        rows.append(row)
+
     description, note = source.description, source.note
     del models, fp32, variants, ckpt, source  # free this process's memory before the timed children start
     gc.collect()
@@ -147,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{kv['teacher_forced_max_abs_diff']:.2e}, greedy equal {kv['greedy_equal']}" +
                   (f", decode path vs PyTorch PPL ratio {kv['decode_vs_reference']['ppl_ratio']:.4f}"
                    if "decode_vs_reference" in kv else ""))
+        if "runtime_ppl" in r:
+            print(f"{r['name']}: PPL {r['runtime_ppl']:.4g} in the ExecuTorch runtime on the same tokens")
     out = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": description, "note": note, "bits": args.bits,

@@ -2,11 +2,14 @@
 
     path = make_baseline("gguf", "Q4_0", float_checkpoint_dir, out_dir)   # llama.cpp's quantizer
     path = make_baseline("onnx", "int4", float_checkpoint_dir, out_dir)   # onnxruntime's MatMulNBits quantizer
+    path = make_baseline("executorch", "8da4w", float_checkpoint_dir, out_dir, max_seq_len=512)  # torchao's 8da4w
     ppl = runtime_perplexity(path, token_ids)                              # measured in the file's own runtime
 
 Each maker starts from the float model's canonical checkpoint (``QATCheckpoint.from_float_model``), writes the
 runtime's float file with our exporter, then runs the runtime's own quantizer on it, as its users do
-(``llama-quantize``, ``onnxruntime.quantization``). The files land atomically and are reused when present.
+(``llama-quantize``, ``onnxruntime.quantization``); ExecuTorch's quantizer (torchao's ``quantize_``) runs on the
+float model before its export, as ExecuTorch's LLM export does. The files land atomically and are reused when
+present.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from runtime_tests.metrics import perplexity
 # llama.cpp file types by name (llama_ftype suffixes), the quantizations llama.cpp users pick most
 GGUF_KINDS = ("Q8_0", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
 ONNX_KINDS = ("int4",)  # MatMulNBitsQuantizer, 4-bit, block 32, symmetric, int8 activations (accuracy_level 4)
+EXECUTORCH_KINDS = ("8da4w",)  # torchao: int4 weights per group (largest of 256..32 dividing every row), int8 acts
 
 
 def gguf_ftype(name: str) -> int:
@@ -72,7 +76,8 @@ def gguf_f16(float_checkpoint, out_dir: Path) -> Path:
     return path
 
 
-def _gguf_baseline(kind: str, float_checkpoint, out_dir: Path, threads: int) -> Path:
+# every maker: (kind, float checkpoint, output folder, threads, KV-cache length for formats that fix it)
+def _gguf_baseline(kind: str, float_checkpoint, out_dir: Path, threads: int, max_seq_len: int | None) -> Path:
     f16 = gguf_f16(float_checkpoint, out_dir)
     if kind.upper() == "F16":
         return f16
@@ -82,7 +87,7 @@ def _gguf_baseline(kind: str, float_checkpoint, out_dir: Path, threads: int) -> 
     return path
 
 
-def _onnx_baseline(kind: str, float_checkpoint, out_dir: Path, threads: int) -> Path:
+def _onnx_baseline(kind: str, float_checkpoint, out_dir: Path, threads: int, max_seq_len: int | None) -> Path:
     """onnxruntime's own 4-bit weight quantizer (MatMulNBitsQuantizer) on our fp32 decoder graph."""
     if kind != "int4":
         raise ArtifactError(f"unknown ONNX baseline {kind!r}: choose from {', '.join(ONNX_KINDS)}")
@@ -139,10 +144,25 @@ def _fold_constant_weight_chains(model):
     return model
 
 
+def _executorch_baseline(kind: str, float_checkpoint, out_dir: Path, threads: int, max_seq_len: int | None) -> Path:
+    """torchao's 8da4w post-training quantization of the float model, lowered to XNNPACK as our files are; the
+    file name holds the KV-cache length (the .pte's cache and its runtime window depend on it)."""
+    if kind not in EXECUTORCH_KINDS:
+        raise ArtifactError(f"unknown ExecuTorch baseline {kind!r}: choose from {', '.join(EXECUTORCH_KINDS)}")
+    from formats.executorch import ExecuTorchOptions, export_executorch
+
+    options = ExecuTorchOptions(ptq=kind, max_seq_len=max_seq_len, overwrite=True, progress=False)
+    path = out_dir / f"baseline-executorch-{kind}{f'-seq{max_seq_len}' if max_seq_len else ''}.pte"
+    if not path.is_file():
+        export_executorch(float_checkpoint, path, options)
+    return path
+
+
 # format name -> (its runtime's baseline kinds, the maker); formats without a maker have no baselines yet
 MAKERS: dict[str, tuple[tuple[str, ...], Callable]] = {
     "gguf": (GGUF_KINDS, _gguf_baseline),
     "onnx": (ONNX_KINDS, _onnx_baseline),
+    "executorch": (EXECUTORCH_KINDS, _executorch_baseline),
 }
 
 
@@ -152,13 +172,14 @@ def baseline_kinds(format_name: str) -> tuple[str, ...]:
 
 
 def make_baseline(format_name: str, kind: str, float_checkpoint, out_dir: str | os.PathLike,
-                  threads: int = 2) -> Path:
-    """The runtime's own quantization ``kind`` of the float checkpoint (a QuantizedCheckpoint or its folder)."""
+                  threads: int = 2, max_seq_len: int | None = None) -> Path:
+    """The runtime's own quantization ``kind`` of the float checkpoint (a QuantizedCheckpoint or its folder);
+    ``max_seq_len``: the KV-cache length of formats that fix one (ExecuTorch), None for the format's default."""
     if format_name not in MAKERS:
         raise ArtifactError(f"no runtime baseline for {format_name} yet: baselines exist for {', '.join(MAKERS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return MAKERS[format_name][1](kind, float_checkpoint, out, threads)
+    return MAKERS[format_name][1](kind, float_checkpoint, out, threads, max_seq_len)
 
 
 def runtime_perplexity(artifact: str | os.PathLike, token_ids: Sequence[int], threads: int = 2) -> float:

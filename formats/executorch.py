@@ -27,7 +27,8 @@ from formats.executorch_program import (
     LINEAR_OPS, QUANT_OPS, Delegation, eos_ids, export_program, lower_to_executorch, metadata,
 )
 from formats.executorch_weights import (
-    EMBED_KEY, TARGETS, ContainerError, build_eager_model, check_groups, verify_eager_weights,
+    EMBED_KEY, PTQ_SCHEMES, TARGETS, ContainerError, build_eager_model, check_groups, torchao_8da4w,
+    verify_eager_weights,
 )
 from paretoq_export.canonical.atomic import write_bytes_atomic
 from paretoq_export.canonical.checkpoint import open_checkpoint
@@ -57,6 +58,9 @@ class ExecuTorchOptions:
     overwrite: bool = False
     write_tokenizer: bool = True
     progress: bool | None = None  # tqdm: None = only on a terminal
+    # "8da4w": torchao's own post-training quantization of a float checkpoint's linears instead of codes (the
+    # runtime's baseline that formats.baselines measures QAT against; formats.executorch_weights.torchao_8da4w)
+    ptq: str | None = None
 
 
 @dataclass
@@ -70,6 +74,7 @@ class ExecuTorchExportResult:
     weights: dict  # verify_eager_weights: every quantized weight equals the checkpoint's
     seconds: float
     metadata: dict = field(default_factory=dict)
+    ptq_group_size: int | None = None  # options.ptq: the weight group size it used
 
     def linears_delegated(self) -> bool:
         """Every linear (and every torchao quant op of the 8-bit activations) runs inside an XNNPACK delegate."""
@@ -92,6 +97,13 @@ def _check_options(ckpt, options: ExecuTorchOptions) -> None:
     if options.embedding_bits is not None and options.embedding_bits not in EMBEDDING_BITS:
         raise ExecuTorchExportError(f"--embedding-bits {options.embedding_bits} is not supported: use 4 or 8 "
                                     "(or leave it out for a float32 table)")
+    if options.ptq is not None:
+        if options.ptq not in PTQ_SCHEMES:
+            raise ExecuTorchExportError(f"unknown post-training scheme {options.ptq!r}: use one of "
+                                        f"{', '.join(PTQ_SCHEMES)}")
+        if ckpt.quantized or options.target != "x86" or options.embedding_bits:
+            raise ExecuTorchExportError(f"{options.ptq} quantizes a float checkpoint's linears for XNNPACK on x86: "
+                                        "give the float model's checkpoint, --target x86 and no --embedding-bits")
     if options.target == "arm64":
         from torchao.quantization.quantize_.workflows.intx.intx_opaque_tensor import _is_kernel_library_loaded
 
@@ -111,7 +123,7 @@ def default_filename(ckpt, options: ExecuTorchOptions | None = None) -> str:
     base = str(ckpt.recipe.get("base_model") or ckpt.config.get("_name_or_path") or "model").rstrip("/")
     base = base.split("/")[-1] or "model"
     bits = sorted({q.grid.bits for q in ckpt.quantized.values()})
-    tag = "ParetoQ-" + "-".join(f"{format_bits(b)}bit" for b in bits) if bits else "fp32"
+    tag = "ParetoQ-" + "-".join(f"{format_bits(b)}bit" for b in bits) if bits else options.ptq or "fp32"
     kind = {"x86": "xnnpack", "x86-int8": "xnnpack-int8"}.get(options.target, "arm64-lowbit")
     emb = f"-emb{options.embedding_bits}" if options.embedding_bits else ""
     return f"{base}-{tag}{emb}-{kind}.pte"
@@ -166,6 +178,7 @@ def export_executorch(checkpoint, output: str | os.PathLike | None = None,
         try:
             model = build_eager_model(ckpt, options.target, options.embedding_bits, progress=options.progress)
             weights = verify_eager_weights(model, ckpt)
+            group = torchao_8da4w(model) if options.ptq else None
         except ContainerError as exc:
             raise ExecuTorchExportError(str(exc)) from exc
         if options.target == "arm64":
@@ -192,7 +205,7 @@ def export_executorch(checkpoint, output: str | os.PathLike | None = None,
     if tok_path is None:
         log.warning("the checkpoint has no tokenizer.json / tokenizer.model: none written beside %s", output)
     result = ExecuTorchExportResult(output, output.stat().st_size, tok_path, options.target, int(options.max_seq_len),
-                                    delegation, weights, time.perf_counter() - t0, meta)
+                                    delegation, weights, time.perf_counter() - t0, meta, group)
     if options.target != "arm64" and not result.linears_delegated():
         log.warning("some linears were not delegated to XNNPACK: %s", {
             op: delegation.count(op) for op in LINEAR_OPS + QUANT_OPS if delegation.count(op)[1]})

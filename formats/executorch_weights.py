@@ -176,6 +176,37 @@ def build_eager_model(ckpt, target: str = "x86", embedding_bits: int | None = No
     return model.eval()
 
 
+PTQ_SCHEMES = ("8da4w",)
+PTQ_GROUP_SIZES = (256, 128, 64, 32)  # 8da4w weight groups XNNPACK runs (multiples of 32), largest first
+
+
+def ptq_group_size(model: nn.Module) -> int:
+    """The largest of PTQ_GROUP_SIZES dividing every linear's input width: every linear quantized (ExecuTorch's
+    LLM export defaults to 128 and leaves the linears it does not divide in float, on SmolLM2 all but down_proj)."""
+    widths = {m.in_features for m in model.modules() if isinstance(m, nn.Linear)}
+    for group in PTQ_GROUP_SIZES:
+        if all(w % group == 0 for w in widths):
+            return group
+    raise ContainerError(f"no 8da4w group size in {PTQ_GROUP_SIZES} divides every linear's input width "
+                         f"({sorted(widths)}): XNNPACK's int4 groups cannot hold this model")
+
+
+def torchao_8da4w(model: nn.Module) -> int:
+    """torchao's own post-training 8da4w on every linear of a float model, in place, as ExecuTorch's LLM export
+    configures it (Int8DynamicActivationIntxWeightConfig: int4 symmetric weights per group with affine qparams,
+    int8 asymmetric per-token activations): the baseline a user gets without QAT. Returns the group size."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    group = ptq_group_size(model)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False  # the float lookup table stays; lm_head gets its own int4 weight
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+    config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group))
+    quantize_(model, config, filter_fn=lambda module, fqn: isinstance(module, nn.Linear))
+    return group
+
+
 def verify_eager_weights(model: nn.Module, ckpt) -> dict:
     """Every quantized weight of ``model`` dequantizes to exactly the checkpoint's s * (q - z) (float32)."""
     from torchao.quantization import IntxUnpackedToInt8Tensor

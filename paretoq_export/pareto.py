@@ -331,7 +331,8 @@ class ParetoRun:
         ckpt_dir, float_cell = self.checkpoint(FLOAT_BITS)
         t0 = time.perf_counter()
         ckpt = QuantizedCheckpoint.load(ckpt_dir)
-        artifact = make_baseline(fmt, kind, ckpt, self.out / "baselines", threads=c.threads)
+        artifact = make_baseline(fmt, kind, ckpt, self.out / "baselines", threads=c.threads,
+                                 max_seq_len=self.max_seq_len())
         ids = validation_token_ids(ckpt, c.validate_text, c.validate_tokens)  # the tokens validate() compares on
         ppl = runtime_perplexity(artifact, ids, threads=c.threads)
         speed = bench_artifacts([artifact], threads=c.threads, repeats=c.repeats, pp=c.pp, tg=c.tg, progress=False)
@@ -345,13 +346,17 @@ class ParetoRun:
         self.computed.append(name)
         return cell
 
+    def max_seq_len(self) -> int:
+        """KV-cache length of formats with a fixed cache (ours and the baselines): bench and validation fit."""
+        c = self.config
+        return max(c.pp + c.tg + 16, c.validate_tokens + 1)
+
     def _export(self, bits: float, fmt: str, ckpt_dir: Path) -> Path:
         c = self.config
         artifacts = self.out / "artifacts"
         artifacts.mkdir(parents=True, exist_ok=True)
         exporter = format_named(fmt)
-        max_seq_len = max(c.pp + c.tg + 16, c.validate_tokens + 1)  # formats with a fixed cache: bench and validate fit
-        options = exporter.sweep_options(bits == FLOAT_BITS, max_seq_len, exporter.sweep_settings(c))
+        options = exporter.sweep_options(bits == FLOAT_BITS, self.max_seq_len(), exporter.sweep_settings(c))
         output = artifacts / f"{label(bits)}{exporter.suffix or '-' + exporter.name}"
         try:
             return exporter.export(ckpt_dir, output, options).path
@@ -494,7 +499,8 @@ def write_markdown(cells: list[dict], path: Path, config: ParetoConfig) -> Path:
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "runtime PPL: the file's perplexity in its own runtime on the validation tokens (the same tokens "
               "for every row); runtime PTQ rows are the runtime's own quantizer applied to the float model "
-              "(llama.cpp's llama-quantize types, onnxruntime's MatMulNBits quantizer).",
+              "(llama.cpp's llama-quantize types, onnxruntime's MatMulNBits quantizer, torchao's 8da4w lowered to "
+              "XNNPACK).",
               "", "Plots: `pareto_size.png` (PPL vs file size) and `pareto_latency.png` (PPL vs decode ms/token); "
               "each line is a Pareto frontier (no other point of its set is both smaller/faster and more accurate): "
               "ours, and the runtimes' own post-training files when --baselines is on."]
@@ -596,7 +602,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baselines", action="store_true",
                         help="also the runtimes' own post-training files of the float model, measured the same way "
                              "and drawn as a second frontier: llama.cpp's Q8_0, Q4_K_M, Q4_0, Q3_K_M, Q2_K (GGUF), "
-                             "onnxruntime's 4-bit MatMulNBits quantizer (ONNX)")
+                             "onnxruntime's 4-bit MatMulNBits quantizer (ONNX), torchao's 8da4w (ExecuTorch)")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="BITS=DIR",
                         help="use an existing checkpoint for that bit-width (e.g. one trained on a GPU) instead of "
                              "training it here; repeatable")

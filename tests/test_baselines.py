@@ -31,9 +31,34 @@ def test_onnxruntime_int4_baseline_is_quantized_and_close_to_fp32(float_ckpt, id
     assert make_baseline("onnx", "int4", float_ckpt, tmp_path) == path  # reused, not rebuilt
 
 
+def test_executorch_8da4w_baseline_runs_in_executorch_close_to_float(float_ckpt, ids, tmp_path):
+    """torchao's own 8da4w of the float model, lowered to XNNPACK: int4 linears (a fifth of the float bytes), its
+    perplexity measured in the ExecuTorch runtime near the float model's."""
+    pytest.importorskip("executorch")
+    import numpy as np
+    import torch
+
+    from runtime_tests.metrics import perplexity
+
+    path = make_baseline("executorch", "8da4w", float_ckpt, tmp_path, max_seq_len=128)
+    assert path.name == "baseline-executorch-8da4w-seq128.pte" and (tmp_path / "tokenizer.json").is_file()
+    model = float_ckpt.build_reference_model()
+    linear_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    table_bytes = model.get_input_embeddings().weight.numel() * 4
+    assert path.stat().st_size < table_bytes + linear_bytes / 4  # int4 + scales, not fp32
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double().numpy()
+    float_ppl = perplexity(logits[:-1], ids[1:])
+    ppl = runtime_perplexity(path, ids)
+    assert np.isfinite(ppl) and ppl == pytest.approx(float_ppl, rel=0.05) and ppl != float_ppl
+    assert make_baseline("executorch", "8da4w", float_ckpt, tmp_path, max_seq_len=128) == path  # reused
+
+
 def test_unknown_baselines_are_refused(float_ckpt, tmp_path):
-    assert "Q4_0" in baseline_kinds("gguf") and baseline_kinds("executorch") == ()
-    with pytest.raises(ArtifactError, match="no runtime baseline for executorch"):
-        make_baseline("executorch", "8da4w", float_ckpt, tmp_path)
+    assert "Q4_0" in baseline_kinds("gguf") and baseline_kinds("executorch") == ("8da4w",)
+    with pytest.raises(ArtifactError, match="no runtime baseline for tflite"):
+        make_baseline("tflite", "int8", float_ckpt, tmp_path)
     with pytest.raises(ArtifactError, match="unknown ONNX baseline"):
         make_baseline("onnx", "int3", float_ckpt, tmp_path)
+    with pytest.raises(ArtifactError, match="unknown ExecuTorch baseline 'int8'"):
+        make_baseline("executorch", "int8", float_ckpt, tmp_path)

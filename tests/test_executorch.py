@@ -440,6 +440,10 @@ def test_errors_are_clear_and_leave_no_file(tmp_path):
         E.export_executorch(ckpt, tmp_path / "a.bin", opts)
     with pytest.raises(E.ExecuTorchExportError, match="unknown --target 'riscv'"):
         E.export_executorch(ckpt, tmp_path / "a.pte", E.ExecuTorchOptions(target="riscv"))
+    with pytest.raises(E.ExecuTorchExportError, match="8da4w quantizes a float checkpoint's linears"):
+        E.export_executorch(ckpt, tmp_path / "a.pte", E.ExecuTorchOptions(ptq="8da4w", max_seq_len=64))
+    with pytest.raises(E.ExecuTorchExportError, match="unknown post-training scheme 'nf4'"):
+        E.export_executorch(ckpt, tmp_path / "a.pte", E.ExecuTorchOptions(ptq="nf4", max_seq_len=64))
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(E.ExecuTorchExportError, match="tokenizer.json exists and holds another tokenizer"):
         E.export_executorch(ckpt, tmp_path / "a.pte", opts)

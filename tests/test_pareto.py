@@ -173,6 +173,28 @@ def test_baselines_add_the_runtimes_own_files_and_a_second_frontier(first_run, i
     assert (out / "pareto_size.png").stat().st_size > 1000
 
 
+def test_executorch_baseline_is_measured_tabled_and_drawn(inputs, tmp_path):
+    """--baselines with ExecuTorch: torchao's 8da4w .pte of the float model beside our float .pte, its perplexity in
+    the ExecuTorch runtime on the same tokens, in pareto.json, the table and the plots."""
+    pytest.importorskip("executorch")
+    run = ParetoRun(_config(inputs, tmp_path, bits=["16"], formats=["executorch"], baselines=True, method="rtn"))
+    cells = run.run()
+    assert sorted(run.computed) == ["baseline-executorch-8da4w", "checkpoint-float", "float-executorch"]
+    saved = json.loads((tmp_path / "pareto.json").read_text())["cells"]
+    base = next(c for c in saved if c.get("baseline"))
+    ours = next(c for c in cells if not c.get("baseline"))
+    assert base["format"] == "executorch" and base["label"] == "8da4w"
+    assert base["size_bytes"] == (tmp_path / "baselines" / "baseline-executorch-8da4w-seq65.pte").stat().st_size
+    assert base["size_bytes"] < ours["size_bytes"] / 2  # int4 linears against the float .pte
+    metrics = ours["validation"]["metrics"]
+    assert base["runtime_tokens"] == metrics["tokens"]
+    assert base["runtime_ppl"] == pytest.approx(metrics["ppl_artifact"], rel=0.05)  # 4-bit, close to float
+    assert base["bench"]["tg_tps"]["median"] > 0
+    table = (tmp_path / "pareto.md").read_text()
+    assert "| 8da4w | runtime PTQ |" in table and "executorch" in table
+    assert (tmp_path / "pareto_size.png").stat().st_size > 1000 and (tmp_path / "pareto_latency.png").is_file()
+
+
 def test_baselines_need_validation(inputs, tmp_path):
     with pytest.raises(ParetoError, match="--no-validate"):
         _config(inputs, tmp_path, baselines=True, validate=False)
