@@ -101,8 +101,9 @@ def run_variant(spec: dict, model: torch.nn.Module, tokenizer, train_blocks: tor
                                                         ("alpha_init", "anneal_frac", "alpha_lr_scale",
                                                          "distill_weight") if k in spec})
         row["recipe"] = chosen.to_json()
-        if "lr" not in spec and chosen.lr_for(bits) is not None:  # the recipe's lr unless the variant names one
-            row["lr"] = chosen.lr_for(bits)
+        recipe_lr = chosen.lr_for(bits, grouped="group" in spec)
+        if "lr" not in spec and recipe_lr is not None:  # the recipe's lr unless the variant names one
+            row["lr"] = recipe_lr
         prepare(target, qat_config(spec, bits, chosen.alpha_init))
         row.update({k: spec[k] for k in ("group", "emb", "target") if k in spec})
         cfg = dataclasses.replace(cfg, lr=row["lr"], anneal_frac=chosen.anneal_frac,
