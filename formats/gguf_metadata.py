@@ -5,6 +5,7 @@ that say what each tensor holds."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 
@@ -18,14 +19,19 @@ from paretoq_export.canonical.licenses import known_license
 from paretoq_export.canonical.model_description import ModelDescription
 
 
+log = logging.getLogger(__name__)
+
 PARETOQ_VERSION = "0.1.0"
 
 
 QUANTIZED_BY = "paretoq-export"
 
 
-# families llama.cpp runs with interleaved rope pairs where transformers rotates halves: their Q/K rows are permuted
+# llama.cpp architectures that run with interleaved rope pairs where transformers rotates halves: Q/K rows permuted
 _INTERLEAVED_ROPE = {"llama"}
+
+# families convert_hf_to_gguf writes under another llama.cpp architecture (Mistral is a Llama there)
+_LLAMA_CPP_ARCH = {"mistral": "llama"}
 
 
 _FILE_TYPES = {
@@ -39,7 +45,8 @@ _FILE_TYPES = {
 def describe_model(config: dict) -> tuple[ModelDescription, gguf.MODEL_ARCH, bool]:
     """The model, its llama.cpp architecture (named as the family) and whether Q/K rows are permuted."""
     model = ModelDescription.from_config(config, "GGUF", GGUFExportError)
-    return model, gguf.MODEL_ARCH[model.model_type.upper()], model.model_type in _INTERLEAVED_ROPE
+    arch = _LLAMA_CPP_ARCH.get(model.model_type, model.model_type)
+    return model, gguf.MODEL_ARCH[arch.upper()], arch in _INTERLEAVED_ROPE
 
 
 def _permutation(rows: int, n_head: int) -> np.ndarray:
@@ -122,6 +129,15 @@ def extra_tensors(model: ModelDescription, name_map) -> list[tuple[str, np.ndarr
     return [(name, np.array(out, dtype=np.float32), T.F32)]
 
 
+def _warn_full_attention(model: ModelDescription, arch: str) -> None:
+    """llama.cpp's llama and phi3 graphs attend over the whole context (phi3 turns its window off at load): the
+    file equals the model on contexts up to the window, which is what convert_hf_to_gguf writes too."""
+    if model.sliding_window and model.sliding_window < model.max_positions:
+        log.warning("%s has a %d-token sliding window; llama.cpp's %s attends over the whole context, so the GGUF "
+                    "matches the model on contexts up to %d tokens (as convert_hf_to_gguf's files do)",
+                    model.family.hf_class, model.sliding_window, arch, model.sliding_window)
+
+
 def llama_file_type(records: list[TensorRecord]) -> gguf.LlamaFileType:
     weights: dict[str, int] = {}
     for r in records:
@@ -177,9 +193,15 @@ def add_metadata(writer, ckpt, model: ModelDescription, options, records, file_t
         raise GGUFExportError(f"rope type {rope_type!r} is not supported by the GGUF exporter (default, linear, "
                               "yarn, llama3)")
     head_dim = model.head_dim
-    if model.model_type == "llama":
+    arch = writer.arch
+    if arch == "llama":
         writer.add_vocab_size(model.vocab)
         writer.add_rope_dimension_count(head_dim)
+    if arch == "phi3":  # as Phi3MiniModel: rotary dims, pre-extension context, window (0: none)
+        writer.add_rope_dimension_count(model.rotary_dim)
+        writer.add_rope_scaling_orig_ctx_len(int(model.original_max_positions or model.max_positions))
+        writer.add_sliding_window(int(model.sliding_window or 0))
+    _warn_full_attention(model, arch)
     if model.explicit_head_dim and (model.qk_norm or head_dim != model.hidden // model.n_heads):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)

@@ -205,7 +205,7 @@ def test_output_that_cannot_be_written_fails_before_loading(tmp_path, capsys):
         assert_one_error(code, err, "no write permission")
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "phi3", "gemma2", "gpt2"])
+@pytest.mark.parametrize("model_type", ["gemma2", "gpt2", "stablelm", "phimoe"])
 def test_unsupported_architecture_refused_before_loading(tmp_path, capsys, model_type):
     from transformers import AutoConfig
 
