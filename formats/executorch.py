@@ -32,7 +32,7 @@ from formats.executorch_weights import (
 from paretoq_export.canonical.atomic import write_bytes_atomic
 from paretoq_export.canonical.checkpoint import open_checkpoint
 from paretoq_export.canonical.grids import format_bits
-from paretoq_export.canonical.model_description import ModelDescription
+from paretoq_export.canonical.model_description import LENGTH_DEPENDENT_ROPE, ModelDescription
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,9 @@ class ExecuTorchExportResult:
 
 def _check_options(ckpt, options: ExecuTorchOptions) -> None:
     model = ModelDescription.from_config(ckpt.config, "ExecuTorch", ExecuTorchExportError)
+    if model.rope_type in LENGTH_DEPENDENT_ROPE:  # its frequencies would be traced for one length only
+        raise ExecuTorchExportError(f"rope type {model.rope_type!r} is not supported by the ExecuTorch exporter "
+                                    "(its frequencies change with the sequence length)")
     if model.sliding_window and int(options.max_seq_len) > model.sliding_window:
         # ExecuTorch's custom_sdpa attends causally over the whole cache: within a cache no longer than the
         # window, that is exactly the sliding-window attention

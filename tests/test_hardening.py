@@ -219,6 +219,42 @@ def test_unsupported_architecture_refused_before_loading(tmp_path, capsys, model
     assert "--target-modules" not in err[0] and not (tmp_path / "ck").exists()
 
 
+@pytest.mark.parametrize("fmt", ["gguf", "onnx", "executorch"])
+def test_phi3_longrope_is_refused_in_one_line(tmp_path, capsys, fmt):
+    """Phi-3's 128k variants (longrope: frequencies chosen by sequence length) are refused by every exporter in one
+    line, before anything is written; the 4k variants (no rope scaling) export (tests/test_gguf.py and others)."""
+    pytest.importorskip({"gguf": "llama_cpp", "onnx": "onnxruntime", "executorch": "executorch"}[fmt])
+    from qat.checkpoint_io import QATCheckpoint
+    from qat.prepare import QATConfig, prepare
+
+    factors = [1.0 + i / 24 for i in range(24)]  # rotary dims / 2 (64 * 0.75 / 2)
+    rope = {"rope_type": "longrope", "short_factor": factors, "long_factor": factors, "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.75}
+    model = tiny_model("phi3", rope_scaling=rope, original_max_position_embeddings=128)
+    ckpt_dir = QATCheckpoint.from_qat_model(prepare(model, QATConfig(bits=2)), tiny_tokenizer()).save(tmp_path / "ck")
+    code, _, err = run_cli(capsys, "--format", fmt, ckpt_dir, "-o", f"{tmp_path}/out/", "--no-validate")
+    assert_one_error(code, err, "rope type 'longrope' is not supported")
+    assert not list((tmp_path / "out").glob("*"))
+
+
+def test_unsupported_gguf_refused_from_its_metadata(tmp_path, capsys):
+    """A .gguf input is judged by the architecture its metadata names, before transformers reads a tensor."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "gpt2.gguf"
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_context_length(64), writer.add_embedding_length(32), writer.add_feed_forward_length(64)
+    writer.add_block_count(1), writer.add_head_count(2), writer.add_layer_norm_eps(1e-5)
+    writer.add_tokenizer_model("gpt2"), writer.add_token_list(["a", "b"]), writer.add_token_types([1, 1])
+    writer.add_token_merges(["a b"]), writer.add_bos_token_id(0), writer.add_eos_token_id(1)
+    writer.add_tensor("token_embd.weight", np.zeros((2, 32), np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    code, _, err = run_cli(capsys, "quantize", "--model", path, "--bits", "2", "-o", tmp_path / "ck")
+    assert_one_error(code, err, "'gpt2' cannot be exported", "MistralForCausalLM", "Phi3ForCausalLM")
+    assert not (tmp_path / "ck").exists()
+
+
 # ----------------------------------------------------------------------------- 4. one line, never a traceback
 @pytest.mark.parametrize("damage, needle", [
     (lambda c: [c], "holds a list"),

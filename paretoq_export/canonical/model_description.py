@@ -42,6 +42,10 @@ _SEPARATE_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
 _FUSED_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
+# rope types whose frequencies change with the sequence length at run time (Phi-3 128k's longrope): no fixed table
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
 def family_of(config: dict) -> Family | None:
     """The supported family of a config (by model_type, else by its architectures), or None."""
     family = FAMILIES.get(config.get("model_type"))
@@ -93,6 +97,10 @@ class ModelDescription:
     @property
     def transformers_prefix(self) -> str:
         return self.family.transformers_prefix
+
+    @property
+    def rope_type(self) -> str:
+        return str(self.rope.get("rope_type") or "default").lower()
 
     @property
     def rotary_dim(self) -> int:
