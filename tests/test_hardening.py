@@ -557,6 +557,36 @@ def test_sentencepiece_artifact_tokenizer_matches_transformers(tmp_path, capsys,
 TEXT_SAMPLE = "The history of the region is long and complex. Early settlements grew along the river. " * 5
 
 
+@pytest.mark.parametrize("fmt", ["gguf", "onnx", pytest.param("executorch", marks=pytest.mark.slow)])
+def test_mobilellm_style_on_grid_import_exports_end_to_end(tmp_path, capsys, fmt):
+    """A MobileLLM-ParetoQ-style release: a Llama with shared embeddings, 2-bit weights already on the grid, and a
+    SentencePiece tokenizer.model; `import --kind on-grid` then export, validated with the artifact's own
+    tokenizer on text (the checkpoint holds the tokenizer.json transformers 5 writes)."""
+    pytest.importorskip({"gguf": "llama_cpp", "onnx": "onnxruntime", "executorch": "executorch"}[fmt])
+    from qat.checkpoint_io import QATCheckpoint
+    from qat.prepare import QATConfig, prepare
+
+    model_dir = tmp_path / "MobileLLM-ParetoQ-tiny-2-bit"
+    rtn = QATCheckpoint.from_qat_model(prepare(tiny_model("llama", vocab_size=SPM_VOCAB), QATConfig(bits=2)))
+    rtn.build_reference_model().save_pretrained(model_dir)  # float32 weights holding grid values
+    sentencepiece_tokenizer(model_dir)
+    code, _, err = run_cli(capsys, "import", "--kind", "on-grid", "--model", model_dir, "--bits", "2", "-o",
+                           tmp_path / "ck")
+    assert code == 0, err
+    ckpt = QuantizedCheckpoint.load(tmp_path / "ck")
+    assert ckpt.tied and {q.grid.name for q in ckpt.quantized.values()} == {"seq2"}
+    for key, q in ckpt.quantized.items():  # the on-grid weights recovered exactly
+        assert torch.equal(q.dequantize(), rtn.quantized[key].dequantize()), key
+    text = tmp_path / "text.txt"
+    text.write_text(UNICODE_TEXT + TEXT_SAMPLE)
+    code, _, err = run_cli(capsys, "--format", fmt, tmp_path / "ck", "-o", f"{tmp_path}/out/", "--text", text,
+                           "--validate-tokens", "96")
+    assert code == 0, err
+    (report,) = (tmp_path / "out").rglob("*validation.json")
+    result = json.loads(report.read_text())
+    assert result["tokenizer"]["equal"] and result["tokenizer"]["tokens"] > 100, result["tokenizer"]
+
+
 def test_wrong_vocabulary_fails_validation_though_logits_agree(tmp_path, capsys, ckpt_dir, gguf_file):
     """Same weights, another byte-level BPE vocabulary in the checkpoint: the logits on ids agree exactly, only
     the tokenizer comparison sees that the GGUF would tokenize prompts differently."""
