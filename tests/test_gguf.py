@@ -163,6 +163,33 @@ def test_tiny_export_exact_and_runs(tmp_path, arch, bits, kw):
         assert rope_dims == int(head_dim * dict(kw).get("partial_rotary_factor", 0.75))
 
 
+PHI3_CHAT_TEMPLATE = (  # Phi-3-mini-instruct's
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+    "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+
+def test_phi3_chat_template_reaches_llama_cpp(tmp_path):
+    """The tokenizer's chat template is the file's tokenizer.chat_template, as llama.cpp reads it."""
+    from paretoq_export.canonical.checkpoint import saved_tokenizer_files
+    from runtime_tests.llamacpp import LlamaCppRunner
+    from tiny_models import tiny_tokenizer
+
+    ckpt = tiny_checkpoint("phi3", 4)
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = PHI3_CHAT_TEMPLATE
+    ckpt = type(ckpt)(ckpt.config, ckpt.quantized, ckpt.tensors, saved_tokenizer_files(tokenizer), ckpt.recipe)
+    path = G.export_gguf(ckpt, tmp_path / "m.gguf").path
+    reader = gguf.GGUFReader(str(path))
+    assert bytes(reader.get_field("tokenizer.chat_template").parts[-1]).decode() == PHI3_CHAT_TEMPLATE
+    messages = [{"role": "user", "content": "Hello"}]
+    with LlamaCppRunner(path, n_ctx=64) as runner:
+        assert runner.llm.metadata["tokenizer.chat_template"] == PHI3_CHAT_TEMPLATE
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        "<|user|>\nHello<|end|>\n<|assistant|>\n"
+
+
 def test_sliding_window_beyond_context_is_said(tmp_path, caplog):
     """llama.cpp's llama graph (Mistral's) attends over the whole context: a window narrower than the context is
     said in the log, and the file still equals the model on contexts up to the window."""
