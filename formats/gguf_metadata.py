@@ -148,12 +148,14 @@ def llama_file_type(records: list[TensorRecord]) -> gguf.LlamaFileType:
     return _FILE_TYPES.get(T[max(weights, key=weights.get)], gguf.LlamaFileType.GUESSED)
 
 
-def add_metadata(writer, ckpt, model: ModelDescription, options, records, file_type) -> None:
+def add_metadata(writer, ckpt, model: ModelDescription, options, records, file_type) -> str:
+    """Every key but the tokenizer's; returns the general.name written."""
     base_model = _base_model(ckpt, options)
     basename = _basename(ckpt, options)
     bits = sorted({r.bits for r in records if r.bits is not None})
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(options.name or f"{basename} ParetoQ {'/'.join(format_bits(b) for b in bits)}-bit")
+    name = options.name or f"{basename} ParetoQ {'/'.join(format_bits(b) for b in bits)}-bit"
+    writer.add_name(name)
     writer.add_basename(basename)
     writer.add_size_label(gguf.size_label(n_params(ckpt), 0, 0, 0))
     writer.add_quantized_by(QUANTIZED_BY)
@@ -220,3 +222,4 @@ def add_metadata(writer, ckpt, model: ModelDescription, options, records, file_t
     writer.add_array("paretoq.fallbacks", [f"{r.gguf_name}: {r.reason}" for r in records if r.fallback] or [""])
     writer.add_array("paretoq.lossy_tensors", [r.gguf_name for r in records if r.lossy] or [""])
     writer.add_bool("paretoq.exact", not any(r.lossy for r in records))
+    return name

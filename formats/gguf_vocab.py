@@ -17,12 +17,13 @@ from formats.gguf_types import GGUFExportError
 log = logging.getLogger(__name__)
 
 
-def add_tokenizer(writer, ckpt, vocab_size: int) -> None:
+def add_tokenizer(writer, ckpt, vocab_size: int) -> list[str]:
+    """The tokenizer.ggml.* keys; returns the token texts written."""
     files = ckpt.tokenizer_files
     if not files:
         log.warning("the checkpoint has no tokenizer files: writing tokenizer.ggml.model 'none'")
         writer.add_tokenizer_model("none")
-        return
+        return []
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         for name, data in files.items():
@@ -53,6 +54,23 @@ def add_tokenizer(writer, ckpt, vocab_size: int) -> None:
             writer.add_token_types(types)
             special = gguf.SpecialVocab(tmp_path, load_merges=True, n_vocab=vocab_size)
         special.add_to_gguf(writer, quiet=True)
+    return [t.decode(errors="replace") if isinstance(t, bytes) else t for t in tokens]
+
+
+# llama.cpp gives the tokens of a file whose general.name contains "phi-3" or "phi3" Phi-3's rstrip attributes,
+# looking these up by text (llama-vocab.cpp): a vocabulary without one of them fails to load there
+_PHI3_NAME_TOKENS = ("<unk>", "<s>", "</s>", "<|endoftext|>")
+
+
+def check_name_loads_in_llama_cpp(name: str, tokens: list[str]) -> None:
+    """Refuse, in one line, a general.name that makes llama.cpp look for Phi-3 tokens this vocabulary lacks."""
+    if not tokens or not any(tag in name.lower() for tag in ("phi-3", "phi3")):
+        return
+    missing = [t for t in _PHI3_NAME_TOKENS if t not in set(tokens)]
+    if missing:
+        raise GGUFExportError(f"llama.cpp treats a file named {name!r} as Phi-3 and looks up its tokens "
+                              f"{', '.join(missing)}, which this vocabulary lacks (the file would not load): "
+                              "pass --name without 'phi3' / 'phi-3'")
 
 
 def _is_byte_level(tokenizer_json: bytes | None) -> bool:
