@@ -130,6 +130,8 @@ def linears_per_layer(ckpt) -> int:
     "arch,bits,kw",
     [("llama", b, ()) for b in (1, 1.58, 2, 3, 4)] + [("qwen2", 1.58, ()), ("qwen2", 4, ()), ("qwen3", 2, ()),
                                                       ("qwen3", 3, ()), ("mistral", 1.58, ()), ("mistral", 3, ()),
+                                                      # Mistral Nemo's shape: head_dim not hidden / heads
+                                                      ("mistral", 2, (("head_dim", 128),)),
                                                       ("phi3", 2, ()), ("phi3", 4, ()),
                                                       # Phi-3-mini's shape: untied, every head dim rotated
                                                       ("phi3", 3, (("tie_word_embeddings", False),

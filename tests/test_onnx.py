@@ -132,10 +132,11 @@ def linears_per_layer(ckpt) -> int:
     return len(ModelDescription.from_config(ckpt.config).layer_linears)
 
 
-@pytest.mark.parametrize("arch,bits", [(a, b) for a in ("llama", "qwen2") for b in ALL_BITS] + [("qwen3", 2)]
-                         + [("mistral", 1.58), ("mistral", 4), ("phi3", 2), ("phi3", 3)])
-def test_tiny_level0_exact_and_matches_reference(tmp_path, arch, bits, capsys):
-    ckpt = tiny_checkpoint(arch, bits)
+@pytest.mark.parametrize("arch,bits,kw", [(a, b, ()) for a in ("llama", "qwen2") for b in ALL_BITS] + [("qwen3", 2, ())]
+                         + [("mistral", 1.58, ()), ("mistral", 4, ()), ("phi3", 2, ()), ("phi3", 3, ()),
+                            ("mistral", 2, (("head_dim", 128),))])  # Mistral Nemo's shape: head_dim not hidden/heads
+def test_tiny_level0_exact_and_matches_reference(tmp_path, arch, bits, kw, capsys):
+    ckpt = tiny_checkpoint(arch, bits, **dict(kw))
     result = _export(ckpt, tmp_path / "m", accuracy_level=0)
     kinds = {r.module: r.container for r in result.records if r.grid is not None}
     n_linears = linears_per_layer(ckpt) * 2
