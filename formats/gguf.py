@@ -107,7 +107,7 @@ def export_gguf(checkpoint, output: str | os.PathLike | None = None,
     for extra in extra_tensors(model, name_map):
         payloads.append(extra)
         records.append(TensorRecord("(generated)", extra[0], "F32", tuple(extra[1].shape), extra[1].nbytes,
-                                    None, None, "llama3 rope factors"))
+                                    None, None, "rope frequency factors"))
 
     file_type = llama_file_type(records)
     with atomic_file(output) as tmp:

@@ -107,8 +107,24 @@ def _preferred_summary_type(ckpt, options: GGUFOptions) -> str:
     return max(counts, key=counts.get) if counts else "F16"
 
 
+def longrope_attention_factor(model: ModelDescription) -> float:
+    """The cos/sin scale of longrope, as transformers computes it (_compute_longrope_parameters): the config's
+    attention_factor, else sqrt(1 + log(factor) / log(original context)) with factor = max / original context."""
+    rope, original = model.rope, int(model.original_max_positions or model.max_positions)
+    if rope.get("attention_factor") is not None:
+        return float(rope["attention_factor"])
+    factor = float(rope.get("factor") or model.max_positions / original)
+    return math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1.0 else 1.0
+
+
 def extra_tensors(model: ModelDescription, name_map) -> list[tuple[str, np.ndarray, T]]:
     rope = model.rope
+    if model.model_type == "phi3" and model.rope_type == "longrope":
+        # as Phi3MiniModel: llama.cpp divides the frequencies by the short factors while its context is within
+        # the original one, by the long ones beyond, as transformers does by sequence length
+        return [(gguf.TENSOR_NAMES[kind] + ".weight", np.array(rope[key], dtype=np.float32), T.F32)
+                for kind, key in ((gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, "long_factor"),
+                                  (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, "short_factor"))]
     if model.model_type != "llama" or str(rope.get("rope_type", "")).lower() != "llama3":
         return []
     base, dim = rope.get("rope_theta", 10000.0), model.head_dim  # as convert_hf_to_gguf generate_extra_tensors
@@ -191,9 +207,11 @@ def add_metadata(writer, ckpt, model: ModelDescription, options, records, file_t
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(float(factor))
         writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    elif rope_type == "longrope" and writer.arch == "phi3":  # Phi-3 128k, Phi-4-mini: factors in extra_tensors
+        writer.add_rope_scaling_attn_factors(longrope_attention_factor(model))
     elif rope_type not in ("default", "llama3"):
         raise GGUFExportError(f"rope type {rope_type!r} is not supported by the GGUF exporter (default, linear, "
-                              "yarn, llama3)")
+                              "yarn, llama3, longrope for Phi-3)")
     head_dim = model.head_dim
     arch = writer.arch
     if arch == "llama":

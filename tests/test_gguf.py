@@ -192,6 +192,46 @@ def test_phi3_chat_template_reaches_llama_cpp(tmp_path):
         "<|user|>\nHello<|end|>\n<|assistant|>\n"
 
 
+def longrope_phi3(bits: float = 2):
+    """Phi-4-mini's shape with its rope: longrope factors (0.75 of each head rotated), context 2x the original."""
+    from qat.checkpoint_io import QATCheckpoint
+    from qat.prepare import QATConfig, prepare
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    factors = [1.0 + i / 12 for i in range(24)]  # rotary dims / 2 = 64 * 0.75 / 2
+    rope = {"rope_type": "longrope", "short_factor": factors, "long_factor": factors[::-1], "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.75}
+    model = prepare(tiny_model("phi3", rope_scaling=rope, original_max_position_embeddings=256,
+                                   max_position_embeddings=512), QATConfig(bits=bits))
+    return QATCheckpoint.from_qat_model(model, tiny_tokenizer(), recipe={"method": "rtn", "test": True})
+
+
+def test_phi3_longrope(tmp_path, monkeypatch):
+    """Longrope as Phi3MiniModel writes it: long / short factor tensors and the cos/sin scale; within the original
+    context llama.cpp and transformers both use the short factors (with F32 weights the logits agree to ~1e-6).
+    Negative control: without the scale, the KL shows it."""
+    from formats import gguf_metadata
+
+    ckpt = longrope_phi3()
+    assert ckpt.config["rope_parameters"]["rope_type"] == "longrope"
+    result = G.export_gguf(ckpt, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(str(result.path))
+    names = {t.name for t in reader.tensors}
+    assert {"rope_factors_long.weight", "rope_factors_short.weight"} <= names
+    scale = float(reader.get_field("phi3.rope.scaling.attn_factor").parts[-1][0])
+    assert scale == pytest.approx((1 + np.log(2) / np.log(256)) ** 0.5, rel=1e-6)
+    # 128 tokens (llama.cpp pads its context to 256): within the original context, short factors on both sides
+    report = validate_artifact(result.path, ckpt, _ids())
+    assert _bit_exact(report["readback"])
+    _check_close(report["metrics"])
+    f32 = G.GGUFOptions(tensor_types=[".*=F32"])  # exact weights: only the rope can differ
+    exact = validate_artifact(G.export_gguf(ckpt, tmp_path / "f32.gguf", f32).path, ckpt, _ids())["metrics"]
+    assert exact["max_abs_diff"] < 1e-5, exact
+    monkeypatch.setattr(gguf_metadata, "longrope_attention_factor", lambda model: 1.0)
+    unscaled = validate_artifact(G.export_gguf(ckpt, tmp_path / "unscaled.gguf", f32).path, ckpt, _ids())["metrics"]
+    assert unscaled["max_abs_diff"] > 1e-3, unscaled
+
+
 def test_sliding_window_beyond_context_is_said(tmp_path, caplog):
     """llama.cpp's llama graph (Mistral's) attends over the whole context: a window narrower than the context is
     said in the log, and the file still equals the model on contexts up to the window."""
