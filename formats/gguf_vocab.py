@@ -37,6 +37,7 @@ def add_tokenizer(writer, ckpt, vocab_size: int) -> list[str]:
                     tokens.append(text), scores.append(score), types.append(typ)
             else:
                 tokens, scores, types = _sentencepiece_json_vocab(spm_json, vocab_size)
+                writer.add_add_space_prefix(_adds_space_prefix(spm_json))
             tokens, scores, types = tokens[:vocab_size], scores[:vocab_size], types[:vocab_size]
             for i in range(len(tokens), vocab_size):
                 tokens.append(f"[PAD{i}]".encode()), scores.append(-1000.0), types.append(gguf.TokenType.UNUSED)
@@ -88,6 +89,23 @@ def _sentencepiece_json(tokenizer_json: bytes | None) -> dict | None:
     if model.get("type") != "BPE" or not model.get("byte_fallback") or "\u2581" not in spaces:
         return None
     return parsed
+
+
+def _adds_space_prefix(parsed: dict) -> bool:
+    """Whether the tokenizer puts U+2581 before the text (SentencePiece's add_dummy_prefix), which llama.cpp's
+    tokenizer.ggml.add_space_prefix says: a Metaspace pre-tokenizer that prepends, or a Prepend normalizer (Llama 2,
+    Mistral; Gemma's has neither)."""
+    steps = []
+    for part in (parsed.get("normalizer"), parsed.get("pre_tokenizer")):
+        if part:
+            steps += part.get("normalizers") or part.get("pretokenizers") or [part]
+    def prepends(step: dict) -> bool:
+        if step.get("type") == "Prepend":
+            return True
+        scheme = step.get("prepend_scheme", "always" if step.get("add_prefix_space", True) else "never")
+        return step.get("type") == "Metaspace" and scheme in ("always", "first")
+
+    return any(prepends(step) for step in steps)
 
 
 def _sentencepiece_json_vocab(parsed: dict, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:

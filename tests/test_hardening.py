@@ -558,6 +558,34 @@ def test_sentencepiece_artifact_tokenizer_matches_transformers(tmp_path, capsys,
 TEXT_SAMPLE = "The history of the region is long and complex. Early settlements grew along the river. " * 5
 
 
+def test_sentencepiece_json_without_space_prefix_in_gguf(tmp_path, capsys):
+    """A SentencePiece BPE tokenizer.json that puts no U+2581 before the text (Gemma's: spaces replaced, nothing
+    prepended) is written with tokenizer.ggml.add_space_prefix false, and llama.cpp tokenizes as transformers."""
+    pytest.importorskip("llama_cpp")
+    from transformers import PreTrainedTokenizerFast
+
+    from qat.checkpoint_io import QATCheckpoint
+    from qat.prepare import QATConfig, prepare
+
+    sentencepiece_tokenizer(tmp_path / "spm").save_pretrained(tmp_path / "saved")
+    spec = json.loads((tmp_path / "saved" / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+    spec["pre_tokenizer"] = None
+    (tmp_path / "saved" / "tokenizer.json").write_text(json.dumps(spec))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "saved" / "tokenizer.json"), bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>")
+    assert tokenizer.tokenize("a b")[0] == "a"  # nothing prepended
+    model = prepare(tiny_model("llama", vocab_size=SPM_VOCAB), QATConfig(bits=2))
+    ckpt_dir = QATCheckpoint.from_qat_model(model, tokenizer, recipe={"method": "rtn"}).save(tmp_path / "ck")
+    text = tmp_path / "text.txt"
+    text.write_text(UNICODE_TEXT + TEXT_SAMPLE)
+    code, _, err = run_cli(capsys, "--format", "gguf", ckpt_dir, "-o", tmp_path / "m.gguf", "--text", text,
+                           "--validate-tokens", "96")
+    assert code == 0, err
+    report = json.loads((tmp_path / "m.gguf.validation.json").read_text())
+    assert report["tokenizer"]["equal"] and report["tokenizer"]["tokens"] > 100, report["tokenizer"]
+
+
 @pytest.mark.parametrize("fmt", ["gguf", "onnx", pytest.param("executorch", marks=pytest.mark.slow)])
 def test_mobilellm_style_on_grid_import_exports_end_to_end(tmp_path, capsys, fmt):
     """A MobileLLM-ParetoQ-style release: a Llama with shared embeddings, 2-bit weights already on the grid, and a
