@@ -6,9 +6,10 @@
 
 Each ``--variant NAME:key=value,...`` is one run from the same float model on the same blocks in the same order
 (qat.trainer's BlockOrder from --seed). Keys: method (qat | parq), recipe (qat.recipe names), alpha_init, anneal_frac,
-alpha_lr_scale, distill_weight, lr, bits, steps, seed. Every figure is the held-out perplexity of the PyTorch model
+alpha_lr_scale, distill_weight, lr, bits, steps, seed, group, emb, target. Every figure is the held-out perplexity of the PyTorch model
 rebuilt from the saved canonical checkpoint (what the exporters ship), on documents never trained on. Results are
-written after every run, so a run cut short keeps its rows; ``--plot-only`` draws the bar chart.
+written after every run, so a run cut short keeps its rows; ``--plot-only`` draws the bar chart. Each row records
+the SHA-256 of its saved checkpoint files, so ``--deterministic`` runs can be compared byte for byte across processes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -98,8 +101,9 @@ def run_variant(spec: dict, model: torch.nn.Module, tokenizer, train_blocks: tor
                                                         ("alpha_init", "anneal_frac", "alpha_lr_scale",
                                                          "distill_weight") if k in spec})
         row["recipe"] = chosen.to_json()
-        if "lr" not in spec and chosen.lr_for(bits) is not None:  # the recipe's lr unless the variant names one
-            row["lr"] = chosen.lr_for(bits)
+        recipe_lr = chosen.lr_for(bits, grouped="group" in spec)
+        if "lr" not in spec and recipe_lr is not None:  # the recipe's lr unless the variant names one
+            row["lr"] = recipe_lr
         prepare(target, qat_config(spec, bits, chosen.alpha_init))
         row.update({k: spec[k] for k in ("group", "emb", "target") if k in spec})
         cfg = dataclasses.replace(cfg, lr=row["lr"], anneal_frac=chosen.anneal_frac,
@@ -122,12 +126,21 @@ def run_variant(spec: dict, model: torch.nn.Module, tokenizer, train_blocks: tor
     del target
     where = Path(args.save_dir) if args.save_dir else tmp
     ckpt.save(where / spec["name"])
+    row["checkpoint_sha256"] = checkpoint_digest(where / spec["name"])
     reference = QuantizedCheckpoint.load(where / spec["name"]).build_reference_model().to(device)
     row["heldout_ppl"] = heldout_perplexity(reference, heldout)
     del reference, ckpt
     if device == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def checkpoint_digest(directory: Path) -> str:
+    """SHA-256 over the checkpoint's files (names and bytes, in name order): equal iff the saved files are equal."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(directory)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def plot(results: dict, png: Path) -> Path:
@@ -177,6 +190,8 @@ def main() -> None:
                     help="held-out PPL during training every N steps; the best evaluation's weights are kept where "
                          "the trainer supports it (keep_best)")
     ap.add_argument("--out", default="bench/results/qat_recipe_ablation.json")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="deterministic kernels (qat.trainer TrainConfig.deterministic): identical runs, identical files")
     ap.add_argument("--plot-only", default=None, metavar="JSON")
     args = ap.parse_args()
     args.train_extra = {"eval_every": 0}
@@ -184,6 +199,9 @@ def main() -> None:
         args.train_extra = {"eval_every": args.eval_every}
         if "keep_best" in TrainConfig.__dataclass_fields__:
             args.train_extra["keep_best"] = True
+    if args.deterministic:  # cuBLAS reads its workspace setting when CUDA starts: before any tensor reaches the GPU
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        args.train_extra["deterministic"] = True
     if args.plot_only:
         results = json.loads(Path(args.plot_only).read_text())
         print(f"wrote {plot(results, Path(args.plot_only).with_suffix('.png'))}")
@@ -205,7 +223,7 @@ def main() -> None:
                         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                         "torch": torch.__version__, "train_blocks": len(train_blocks),
                         "train_tokens_available": train_blocks.numel(), "heldout_tokens": heldout.numel(),
-                        "data_seconds": round(data_seconds, 1),
+                        "data_seconds": round(data_seconds, 1), "deterministic": args.deterministic,
                         "command": " ".join(sys.argv)}, "rows": []}
     if not args.no_float:
         results["rows"].append({"name": "float", "method": "float", "bits": 16.0,

@@ -182,18 +182,31 @@ def make_baseline(format_name: str, kind: str, float_checkpoint, out_dir: str | 
     return MAKERS[format_name][1](kind, float_checkpoint, out, threads, max_seq_len)
 
 
-def runtime_perplexity(artifact: str | os.PathLike, token_ids: Sequence[int], threads: int = 2) -> float:
-    """exp(mean next-token NLL) of ``token_ids`` computed from the artifact's own runtime logits."""
+def runtime_perplexity(artifact: str | os.PathLike, token_ids: Sequence[int] | Sequence[Sequence[int]],
+                       threads: int = 2) -> float:
+    """exp(mean next-token NLL) of ``token_ids`` computed from the artifact's own runtime logits. Given blocks
+    (equal-length rows, e.g. held-out blocks), each block is scored from an empty context and the NLL is averaged
+    over every prediction of every block, as the PyTorch held-out perplexity is."""
     fmt, path = detect_artifact(artifact)
-    ids = [int(t) for t in token_ids]
-    runner = fmt.open_runner(path, threads, n_ctx=max(len(ids), 64))
+    blocks = [[int(t) for t in row] for row in token_ids] if _is_blocks(token_ids) else [[int(t) for t in token_ids]]
+    if len({len(b) for b in blocks}) != 1:
+        raise ValueError("runtime_perplexity: blocks must have equal lengths")
+    runner = fmt.open_runner(path, threads, n_ctx=max(len(blocks[0]), 64))
+    log_ppl = []
     try:
         window = fmt.runtime_window(runner)
-        if window is not None and len(ids) > window:
-            ids = ids[:window]
-        logits = np.asarray(runner.logits(ids), dtype=np.float64)
+        for ids in blocks:
+            if window is not None and len(ids) > window:
+                ids = ids[:window]
+            logits = np.asarray(runner.logits(ids), dtype=np.float64)
+            log_ppl.append(np.log(perplexity(logits[:-1], ids[1:])))
     finally:
         close = getattr(runner, "close", None)
         if close is not None:
             close()
-    return perplexity(logits[:-1], ids[1:])
+    return float(np.exp(np.mean(log_ppl)))  # equal-length blocks: the mean of means is the pooled mean
+
+
+def _is_blocks(token_ids) -> bool:
+    first = next(iter(token_ids), None)
+    return first is not None and hasattr(first, "__len__")

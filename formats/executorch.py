@@ -33,7 +33,7 @@ from formats.executorch_weights import (
 from paretoq_export.canonical.atomic import write_bytes_atomic
 from paretoq_export.canonical.checkpoint import open_checkpoint
 from paretoq_export.canonical.grids import format_bits
-from paretoq_export.canonical.model_description import ModelDescription
+from paretoq_export.canonical.model_description import LENGTH_DEPENDENT_ROPE, ModelDescription
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,16 @@ class ExecuTorchExportResult:
 
 
 def _check_options(ckpt, options: ExecuTorchOptions) -> None:
-    ModelDescription.from_config(ckpt.config, "ExecuTorch", ExecuTorchExportError)
+    model = ModelDescription.from_config(ckpt.config, "ExecuTorch", ExecuTorchExportError)
+    if model.rope_type in LENGTH_DEPENDENT_ROPE:  # its frequencies would be traced for one length only
+        raise ExecuTorchExportError(f"rope type {model.rope_type!r} is not supported by the ExecuTorch exporter "
+                                    "(its frequencies change with the sequence length)")
+    if model.sliding_window and int(options.max_seq_len) > model.sliding_window:
+        # ExecuTorch's custom_sdpa attends causally over the whole cache: within a cache no longer than the
+        # window, that is exactly the sliding-window attention
+        raise ExecuTorchExportError(f"--max-seq-len {options.max_seq_len} exceeds the model's {model.sliding_window}"
+                                    f"-token sliding window, which ExecuTorch's attention kernel does not apply: "
+                                    f"choose --max-seq-len {model.sliding_window} or less")
     if options.target not in TARGETS:
         raise ExecuTorchExportError(f"unknown --target {options.target!r}: use one of {', '.join(TARGETS)}")
     limit = _max_positions(ckpt)
@@ -167,7 +176,9 @@ def export_executorch(checkpoint, output: str | os.PathLike | None = None,
     t0 = time.perf_counter()
     ckpt, ckpt_path = open_checkpoint(checkpoint)
     if options.max_seq_len is None:
-        options = dataclasses.replace(options, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, _max_positions(ckpt)))
+        window = ModelDescription.from_config(ckpt.config, "ExecuTorch", ExecuTorchExportError).sliding_window
+        options = dataclasses.replace(options, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, _max_positions(ckpt),
+                                                               window or DEFAULT_MAX_SEQ_LEN))
     _check_options(ckpt, options)
     output, tok_path = _resolve_output(ckpt, ckpt_path, output, options)
 

@@ -20,6 +20,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from paretoq_export.canonical.model_description import ModelDescription
+
 
 def _rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """transformers' LlamaRMSNorm / Qwen2RMSNorm / Qwen3RMSNorm forward with the mean as a 4-D pooling."""
@@ -58,8 +60,9 @@ def xnnpack_friendly(model: nn.Module) -> Iterator[None]:
     for m in norms:
         m.forward = types.MethodType(_rms_norm, m)
     if original is not None:
-        head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-        model.register_buffer("et_rope_rotation", _rotation(int(head_dim)).T.contiguous(), persistent=False)
+        # rotate_half sees the rotated part of each head only: rotary_dim (Phi-4-mini's partial rotary), not head_dim
+        rotary_dim = ModelDescription.from_config(model.config.to_dict()).rotary_dim
+        model.register_buffer("et_rope_rotation", _rotation(rotary_dim).T.contiguous(), persistent=False)
         modeling.rotate_half = _rotate_half_by(model)
     try:
         yield

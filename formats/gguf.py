@@ -33,7 +33,7 @@ from formats.gguf_metadata import (
 from formats.gguf_types import (  # noqa: F401 - GGUFExportError, GGUFOptions: the writer's API
     GGUFExportError, GGUFOptions, TensorRecord, choose_tensor_type, parse_tensor_types, parse_type,
 )
-from formats.gguf_vocab import add_tokenizer
+from formats.gguf_vocab import add_tokenizer, check_name_loads_in_llama_cpp
 from paretoq_export.canonical.atomic import atomic_file
 from paretoq_export.canonical.checkpoint import open_checkpoint
 from paretoq_export.canonical.model_description import ModelDescription
@@ -107,13 +107,13 @@ def export_gguf(checkpoint, output: str | os.PathLike | None = None,
     for extra in extra_tensors(model, name_map):
         payloads.append(extra)
         records.append(TensorRecord("(generated)", extra[0], "F32", tuple(extra[1].shape), extra[1].nbytes,
-                                    None, None, "llama3 rope factors"))
+                                    None, None, "rope frequency factors"))
 
     file_type = llama_file_type(records)
     with atomic_file(output) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
-        add_metadata(writer, ckpt, model, options, records, file_type)
-        add_tokenizer(writer, ckpt, model.vocab)
+        name = add_metadata(writer, ckpt, model, options, records, file_type)
+        check_name_loads_in_llama_cpp(name, add_tokenizer(writer, ckpt, model.vocab))
         for gguf_name, data, ggml_type in payloads:
             if ggml_type in (T.F32, T.F16):
                 writer.add_tensor(gguf_name, data)

@@ -5,6 +5,7 @@ that say what each tensor holds."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 
@@ -18,14 +19,19 @@ from paretoq_export.canonical.licenses import known_license
 from paretoq_export.canonical.model_description import ModelDescription
 
 
+log = logging.getLogger(__name__)
+
 PARETOQ_VERSION = "0.1.0"
 
 
 QUANTIZED_BY = "paretoq-export"
 
 
-# families llama.cpp runs with interleaved rope pairs where transformers rotates halves: their Q/K rows are permuted
+# llama.cpp architectures that run with interleaved rope pairs where transformers rotates halves: Q/K rows permuted
 _INTERLEAVED_ROPE = {"llama"}
+
+# families convert_hf_to_gguf writes under another llama.cpp architecture (Mistral is a Llama there)
+_LLAMA_CPP_ARCH = {"mistral": "llama"}
 
 
 _FILE_TYPES = {
@@ -39,7 +45,8 @@ _FILE_TYPES = {
 def describe_model(config: dict) -> tuple[ModelDescription, gguf.MODEL_ARCH, bool]:
     """The model, its llama.cpp architecture (named as the family) and whether Q/K rows are permuted."""
     model = ModelDescription.from_config(config, "GGUF", GGUFExportError)
-    return model, gguf.MODEL_ARCH[model.model_type.upper()], model.model_type in _INTERLEAVED_ROPE
+    arch = _LLAMA_CPP_ARCH.get(model.model_type, model.model_type)
+    return model, gguf.MODEL_ARCH[arch.upper()], arch in _INTERLEAVED_ROPE
 
 
 def _permutation(rows: int, n_head: int) -> np.ndarray:
@@ -100,8 +107,24 @@ def _preferred_summary_type(ckpt, options: GGUFOptions) -> str:
     return max(counts, key=counts.get) if counts else "F16"
 
 
+def longrope_attention_factor(model: ModelDescription) -> float:
+    """The cos/sin scale of longrope, as transformers computes it (_compute_longrope_parameters): the config's
+    attention_factor, else sqrt(1 + log(factor) / log(original context)) with factor = max / original context."""
+    rope, original = model.rope, int(model.original_max_positions or model.max_positions)
+    if rope.get("attention_factor") is not None:
+        return float(rope["attention_factor"])
+    factor = float(rope.get("factor") or model.max_positions / original)
+    return math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1.0 else 1.0
+
+
 def extra_tensors(model: ModelDescription, name_map) -> list[tuple[str, np.ndarray, T]]:
     rope = model.rope
+    if model.model_type == "phi3" and model.rope_type == "longrope":
+        # as Phi3MiniModel: llama.cpp divides the frequencies by the short factors while its context is within
+        # the original one, by the long ones beyond, as transformers does by sequence length
+        return [(gguf.TENSOR_NAMES[kind] + ".weight", np.array(rope[key], dtype=np.float32), T.F32)
+                for kind, key in ((gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, "long_factor"),
+                                  (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, "short_factor"))]
     if model.model_type != "llama" or str(rope.get("rope_type", "")).lower() != "llama3":
         return []
     base, dim = rope.get("rope_theta", 10000.0), model.head_dim  # as convert_hf_to_gguf generate_extra_tensors
@@ -122,6 +145,15 @@ def extra_tensors(model: ModelDescription, name_map) -> list[tuple[str, np.ndarr
     return [(name, np.array(out, dtype=np.float32), T.F32)]
 
 
+def _warn_full_attention(model: ModelDescription, arch: str) -> None:
+    """llama.cpp's llama and phi3 graphs attend over the whole context (phi3 turns its window off at load): the
+    file equals the model on contexts up to the window, which is what convert_hf_to_gguf writes too."""
+    if model.sliding_window and model.sliding_window < model.max_positions:
+        log.warning("%s has a %d-token sliding window; llama.cpp's %s attends over the whole context, so the GGUF "
+                    "matches the model on contexts up to %d tokens (as convert_hf_to_gguf's files do)",
+                    model.family.hf_class, model.sliding_window, arch, model.sliding_window)
+
+
 def llama_file_type(records: list[TensorRecord]) -> gguf.LlamaFileType:
     weights: dict[str, int] = {}
     for r in records:
@@ -132,12 +164,14 @@ def llama_file_type(records: list[TensorRecord]) -> gguf.LlamaFileType:
     return _FILE_TYPES.get(T[max(weights, key=weights.get)], gguf.LlamaFileType.GUESSED)
 
 
-def add_metadata(writer, ckpt, model: ModelDescription, options, records, file_type) -> None:
+def add_metadata(writer, ckpt, model: ModelDescription, options, records, file_type) -> str:
+    """Every key but the tokenizer's; returns the general.name written."""
     base_model = _base_model(ckpt, options)
     basename = _basename(ckpt, options)
     bits = sorted({r.bits for r in records if r.bits is not None})
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(options.name or f"{basename} ParetoQ {'/'.join(format_bits(b) for b in bits)}-bit")
+    name = options.name or f"{basename} ParetoQ {'/'.join(format_bits(b) for b in bits)}-bit"
+    writer.add_name(name)
     writer.add_basename(basename)
     writer.add_size_label(gguf.size_label(n_params(ckpt), 0, 0, 0))
     writer.add_quantized_by(QUANTIZED_BY)
@@ -173,13 +207,21 @@ def add_metadata(writer, ckpt, model: ModelDescription, options, records, file_t
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(float(factor))
         writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    elif rope_type == "longrope" and writer.arch == "phi3":  # Phi-3 128k, Phi-4-mini: factors in extra_tensors
+        writer.add_rope_scaling_attn_factors(longrope_attention_factor(model))
     elif rope_type not in ("default", "llama3"):
         raise GGUFExportError(f"rope type {rope_type!r} is not supported by the GGUF exporter (default, linear, "
-                              "yarn, llama3)")
+                              "yarn, llama3, longrope for Phi-3)")
     head_dim = model.head_dim
-    if model.model_type == "llama":
+    arch = writer.arch
+    if arch == "llama":
         writer.add_vocab_size(model.vocab)
         writer.add_rope_dimension_count(head_dim)
+    if arch == "phi3":  # as Phi3MiniModel: rotary dims, pre-extension context, window (0: none)
+        writer.add_rope_dimension_count(model.rotary_dim)
+        writer.add_rope_scaling_orig_ctx_len(int(model.original_max_positions or model.max_positions))
+        writer.add_sliding_window(int(model.sliding_window or 0))
+    _warn_full_attention(model, arch)
     if model.explicit_head_dim and (model.qk_norm or head_dim != model.hidden // model.n_heads):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -198,3 +240,4 @@ def add_metadata(writer, ckpt, model: ModelDescription, options, records, file_t
     writer.add_array("paretoq.fallbacks", [f"{r.gguf_name}: {r.reason}" for r in records if r.fallback] or [""])
     writer.add_array("paretoq.lossy_tensors", [r.gguf_name for r in records if r.lossy] or [""])
     writer.add_bool("paretoq.exact", not any(r.lossy for r in records))
+    return name

@@ -42,7 +42,7 @@ def verify_gguf_readback(gguf_path: str | os.PathLike, checkpoint) -> dict:
     seen, exact, lossy_err = set(), 0, {}
     for tensor in reader.tensors:
         if tensor.name not in expected:
-            if tensor.name.startswith("rope_freqs"):
+            if tensor.name.startswith(("rope_freqs", "rope_factors")):  # generated from the config
                 continue
             raise ReadbackMismatch(f"{gguf_path}: unexpected tensor {tensor.name}")
         want = expected[tensor.name]

@@ -4,7 +4,9 @@ lists, scores and types, special tokens, and the pre-tokenizer name convert_hf_t
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import re
 import tempfile
 from pathlib import Path
 
@@ -15,22 +17,27 @@ from formats.gguf_types import GGUFExportError
 log = logging.getLogger(__name__)
 
 
-def add_tokenizer(writer, ckpt, vocab_size: int) -> None:
+def add_tokenizer(writer, ckpt, vocab_size: int) -> list[str]:
+    """The tokenizer.ggml.* keys; returns the token texts written."""
     files = ckpt.tokenizer_files
     if not files:
         log.warning("the checkpoint has no tokenizer files: writing tokenizer.ggml.model 'none'")
         writer.add_tokenizer_model("none")
-        return
+        return []
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         for name, data in files.items():
             (tmp_path / name).write_bytes(data)
         spm = "tokenizer.model" in files and not _is_byte_level(files.get("tokenizer.json"))
-        if spm:
-            vocab = gguf.vocab.SentencePieceVocab(tmp_path)
+        spm_json = not spm and _sentencepiece_json(files.get("tokenizer.json"))
+        if spm or spm_json:
             tokens, scores, types = [], [], []
-            for text, score, typ in vocab.all_tokens():
-                tokens.append(text), scores.append(score), types.append(typ)
+            if spm:
+                for text, score, typ in gguf.vocab.SentencePieceVocab(tmp_path).all_tokens():
+                    tokens.append(text), scores.append(score), types.append(typ)
+            else:
+                tokens, scores, types = _sentencepiece_json_vocab(spm_json, vocab_size)
+                writer.add_add_space_prefix(_adds_space_prefix(spm_json))
             tokens, scores, types = tokens[:vocab_size], scores[:vocab_size], types[:vocab_size]
             for i in range(len(tokens), vocab_size):
                 tokens.append(f"[PAD{i}]".encode()), scores.append(-1000.0), types.append(gguf.TokenType.UNUSED)
@@ -48,10 +55,96 @@ def add_tokenizer(writer, ckpt, vocab_size: int) -> None:
             writer.add_token_types(types)
             special = gguf.SpecialVocab(tmp_path, load_merges=True, n_vocab=vocab_size)
         special.add_to_gguf(writer, quiet=True)
+    return [t.decode(errors="replace") if isinstance(t, bytes) else t for t in tokens]
+
+
+# llama.cpp gives the tokens of a file whose general.name contains "phi-3" or "phi3" Phi-3's rstrip attributes,
+# looking these up by text (llama-vocab.cpp): a vocabulary without one of them fails to load there
+_PHI3_NAME_TOKENS = ("<unk>", "<s>", "</s>", "<|endoftext|>")
+
+
+def check_name_loads_in_llama_cpp(name: str, tokens: list[str]) -> None:
+    """Refuse, in one line, a general.name that makes llama.cpp look for Phi-3 tokens this vocabulary lacks."""
+    if not tokens or not any(tag in name.lower() for tag in ("phi-3", "phi3")):
+        return
+    missing = [t for t in _PHI3_NAME_TOKENS if t not in set(tokens)]
+    if missing:
+        raise GGUFExportError(f"llama.cpp treats a file named {name!r} as Phi-3 and looks up its tokens "
+                              f"{', '.join(missing)}, which this vocabulary lacks (the file would not load): "
+                              "pass --name without 'phi3' / 'phi-3'")
 
 
 def _is_byte_level(tokenizer_json: bytes | None) -> bool:
     return tokenizer_json is not None and b'"ByteLevel"' in tokenizer_json
+
+
+def _sentencepiece_json(tokenizer_json: bytes | None) -> dict | None:
+    """The tokenizer.json of a SentencePiece BPE tokenizer (Llama 2, Mistral, MobileLLM: BPE with byte fallback,
+    spaces as U+2581), as transformers 5 saves one loaded from tokenizer.model; None for anything else."""
+    if tokenizer_json is None or _is_byte_level(tokenizer_json):
+        return None
+    parsed = json.loads(tokenizer_json)
+    model = parsed.get("model") or {}
+    spaces = json.dumps([parsed.get("normalizer"), parsed.get("pre_tokenizer")], ensure_ascii=False)
+    if model.get("type") != "BPE" or not model.get("byte_fallback") or "\u2581" not in spaces:
+        return None
+    return parsed
+
+
+def _adds_space_prefix(parsed: dict) -> bool:
+    """Whether the tokenizer puts U+2581 before the text (SentencePiece's add_dummy_prefix), which llama.cpp's
+    tokenizer.ggml.add_space_prefix says: a Metaspace pre-tokenizer that prepends, or a Prepend normalizer (Llama 2,
+    Mistral; Gemma's has neither)."""
+    steps = []
+    for part in (parsed.get("normalizer"), parsed.get("pre_tokenizer")):
+        if part:
+            steps += part.get("normalizers") or part.get("pretokenizers") or [part]
+    def prepends(step: dict) -> bool:
+        if step.get("type") == "Prepend":
+            return True
+        scheme = step.get("prepend_scheme", "always" if step.get("add_prefix_space", True) else "never")
+        return step.get("type") == "Metaspace" and scheme in ("always", "first")
+
+    return any(prepends(step) for step in steps)
+
+
+def _sentencepiece_json_vocab(parsed: dict, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:
+    """tokenizer.ggml.model "llama" token list, scores and types from a SentencePiece BPE tokenizer.json.
+
+    llama.cpp's SentencePiece tokenizer merges the adjacent pair whose merged token scores highest; tokenizers'
+    BPE applies merges by rank. So a token's score is minus the rank of the first merge that makes it (a
+    SentencePiece BPE model scores its pieces the same way, by merge order); tokens no merge makes (characters,
+    bytes, specials) score below every merged one. Types as SentencePieceVocab gives them: <0xXX> bytes BYTE, the
+    unknown token UNKNOWN, special added tokens CONTROL, other added tokens USER_DEFINED."""
+    model = parsed["model"]
+    vocab: dict[str, int] = model["vocab"]
+    if max(vocab.values()) >= vocab_size:
+        raise GGUFExportError(f"the tokenizer has ids up to {max(vocab.values())} but the model's vocab_size is "
+                              f"{vocab_size}: tokenizer and model do not match")
+    rank: dict[str, int] = {}
+    for r, merge in enumerate(model.get("merges") or []):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, r)
+    added = {t["id"]: t for t in parsed.get("added_tokens") or []}
+    unmerged = -float(len(rank) + 1)
+    tokens: list[bytes] = [f"[PAD{i}]".encode() for i in range(vocab_size)]
+    scores: list[float] = [-1000.0] * vocab_size
+    types: list[int] = [gguf.TokenType.UNUSED] * vocab_size
+    for text, i in vocab.items():
+        tokens[i] = text.encode()
+        scores[i] = -float(rank[text]) if text in rank else unmerged
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+            types[i] = gguf.TokenType.BYTE
+        elif text == model.get("unk_token"):
+            types[i] = gguf.TokenType.UNKNOWN
+        else:
+            types[i] = gguf.TokenType.NORMAL
+    for i, token in added.items():
+        if i >= vocab_size or types[i] == gguf.TokenType.UNKNOWN:
+            continue
+        tokens[i], scores[i] = token["content"].encode(), -1000.0
+        types[i] = gguf.TokenType.CONTROL if token.get("special") else gguf.TokenType.USER_DEFINED
+    return tokens, scores, types
 
 
 def _bpe_vocab(path: Path, vocab_size: int) -> tuple[list[str], list[int], str]:

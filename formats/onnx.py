@@ -261,7 +261,7 @@ def export_onnx(checkpoint, output: str | os.PathLike | None = None,
         choose_encoding(q.grid, options.accuracy_level, options.smallest)
         if q.scale.ndim == 2:
             choose_block_size(q.shape[1], options.max_block_size, q.group_size)
-    extra = set(ckpt.quantized) - {f"{m}.weight" for m in _linear_modules(spec)} - {EMBED}
+    extra = set(ckpt.quantized) - {f"{m}.weight" for m in spec.linear_modules()} - {EMBED}
     if extra:
         raise UnsupportedModelError(f"quantized tensors {sorted(extra)[:3]} have no place in the {spec.model_type} "
                                     "graph: unsupported variant")
@@ -296,14 +296,6 @@ def export_onnx(checkpoint, output: str | os.PathLike | None = None,
     nbytes = model_path.stat().st_size + ((output / DATA_FILE).stat().st_size if (output / DATA_FILE).exists() else 0)
     return OnnxExportResult(output, model_path, nbytes, options.accuracy_level, time.perf_counter() - t0,
                             linears.records, builder.g.float_bytes)
-
-
-def _linear_modules(spec: ModelDescription) -> list[str]:
-    names = ["lm_head"]
-    for i in range(spec.n_layers):
-        names += [f"model.layers.{i}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        names += [f"model.layers.{i}.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
-    return names
 
 
 def _write_folder(folder: Path, model: ir.Model, ckpt, spec: ModelDescription, options: OnnxOptions) -> None:

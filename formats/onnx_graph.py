@@ -1,4 +1,4 @@
-"""The decoder graph (Llama / Qwen2 / Qwen3) with a KV cache, written op by op with onnx_ir.
+"""The decoder graph (Llama / Qwen2 / Qwen3 / Mistral / Phi-3) with a KV cache, written op by op with onnx_ir.
 
 Why not torch.onnx.export: it works (DESIGN.md section 3) but on this machine took 131 s to export and 116 s to
 optimize SmolLM2-135M (30 layers), with every weight traced as float first; this graph takes about a second, and
@@ -33,11 +33,10 @@ def describe_model(config: dict) -> ModelDescription:
     model = ModelDescription.from_config(config, "ONNX")
     if model.hidden_act != "silu":
         raise UnsupportedModelError(f"hidden_act {model.hidden_act!r} is not supported by the ONNX exporter (silu only)")
-    if model.sliding_window:
+    if model.sliding_window and not model.family.window_whenever_set:
+        # use_sliding_window windows only the layers its layer_types name; this graph has one mask for all layers
         raise UnsupportedModelError("sliding-window attention is not supported by the ONNX exporter: export a "
                                     "config with use_sliding_window false")
-    if model.partial_rotary_factor != 1.0:
-        raise UnsupportedModelError("partial rotary embeddings are not supported by the ONNX exporter")
     return model
 
 
@@ -141,7 +140,8 @@ class DecoderGraph:
         return self.g.op("Reshape", normed, self.g.int64s([0, 0, heads * self.spec.head_dim], f"{name}/shape3"))
 
     def _mask(self, input_ids: ir.Value, attention_mask: ir.Value, past_key: ir.Value) -> ir.Value:
-        """Additive mask [B, 1, S, past + S]: key j visible to query i iff j <= past + i and attention_mask[b, j]."""
+        """Additive mask [B, 1, S, past + S]: key j visible to query i iff j <= past + i and attention_mask[b, j]
+        (and past + i - j < sliding_window where the model has one)."""
         g = self.g
         zero, one = g.int64s(0, "mask/zero"), g.int64s(1, "mask/one")
         seq = g.op("Squeeze", g.op("Shape", input_ids, start=1, end=2))
@@ -150,6 +150,9 @@ class DecoderGraph:
         q_pos = g.op("Unsqueeze", g.op("Range", past, total, one), one)  # [S, 1]
         k_pos = g.op("Unsqueeze", g.op("Range", zero, total, one), zero)  # [1, T]
         causal = g.op("LessOrEqual", k_pos, q_pos)  # [S, T]
+        if self.spec.sliding_window:  # transformers' sliding_window_overlay: j visible iff i - j < window
+            oldest = g.op("Sub", q_pos, g.int64s(self.spec.sliding_window - 1, "mask/window"))
+            causal = g.op("And", causal, g.op("GreaterOrEqual", k_pos, oldest))
         padding = g.op("Unsqueeze", g.op("Cast", attention_mask, to=ir.DataType.BOOL), g.int64s([1, 2], "mask/axes"))
         allowed = g.op("And", causal, padding)  # [B, 1, S, T]
         return g.op("Where", allowed, g.constant(np.array(0.0, np.float32), "mask/open"),
@@ -157,24 +160,41 @@ class DecoderGraph:
 
     def _attention(self, x, layer, mask, position_ids, cos, sin, past_k, past_v):
         s, g, prefix = self.spec, self.g, f"model.layers.{layer}.self_attn"
-        q = self.linear(x, f"{prefix}.q_proj")
-        k = self.linear(x, f"{prefix}.k_proj")
-        v = self.linear(x, f"{prefix}.v_proj")
+        if s.family.fused_projections:  # Phi-3: one MatMulNBits over the fused rows, split into q, k, v
+            q, k, v = self._split(self.linear(x, f"{prefix}.qkv_proj"), f"{prefix}.qkv_proj",
+                                  [s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim])
+        else:
+            q = self.linear(x, f"{prefix}.q_proj")
+            k = self.linear(x, f"{prefix}.k_proj")
+            v = self.linear(x, f"{prefix}.v_proj")
         if s.qk_norm:
             q = self._head_norm(q, f"{prefix}.q_norm", s.n_heads)
             k = self._head_norm(k, f"{prefix}.k_norm", s.n_kv_heads)
-        q = g.op("RotaryEmbedding", q, cos, sin, position_ids, num_heads=s.n_heads, name=f"{prefix}/rotary_q")
-        k = g.op("RotaryEmbedding", k, cos, sin, position_ids, num_heads=s.n_kv_heads, name=f"{prefix}/rotary_k")
+        # partial rotary (Phi-4-mini): the leading rotary_dim of each head rotate, the rest pass through
+        partial = {"rotary_embedding_dim": s.rotary_dim} if s.rotary_dim != s.head_dim else {}
+        q = g.op("RotaryEmbedding", q, cos, sin, position_ids, num_heads=s.n_heads, name=f"{prefix}/rotary_q",
+                 **partial)
+        k = g.op("RotaryEmbedding", k, cos, sin, position_ids, num_heads=s.n_kv_heads, name=f"{prefix}/rotary_k",
+                 **partial)
         out, present_k, present_v = g.tape.op_multi_out(
             "Attention", [q, k, v, mask, past_k, past_v],
             {"q_num_heads": s.n_heads, "kv_num_heads": s.n_kv_heads, "scale": float(s.head_dim) ** -0.5},
             num_outputs=3, name=f"{prefix}/attention")
         return self.linear(out, f"{prefix}.o_proj"), present_k, present_v
 
+    def _split(self, x: ir.Value, name: str, widths: list[int]) -> list[ir.Value]:
+        """The last axis of ``x`` cut into consecutive pieces of ``widths`` (a fused projection's outputs)."""
+        return self.g.tape.op_multi_out("Split", [x, self.g.int64s(widths, f"{name}/split")], {"axis": -1},
+                                        num_outputs=len(widths), name=f"{name}/split")
+
     def _mlp(self, x: ir.Value, layer: int) -> ir.Value:
         prefix, g = f"model.layers.{layer}.mlp", self.g
-        gate = self.linear(x, f"{prefix}.gate_proj")
-        up = self.linear(x, f"{prefix}.up_proj")
+        if self.spec.family.fused_projections:  # Phi-3: gate rows first, then up (transformers' chunk(2))
+            gate, up = self._split(self.linear(x, f"{prefix}.gate_up_proj"), f"{prefix}.gate_up_proj",
+                                   [self.spec.intermediate] * 2)
+        else:
+            gate = self.linear(x, f"{prefix}.gate_proj")
+            up = self.linear(x, f"{prefix}.up_proj")
         act = g.op("Mul", gate, g.op("Sigmoid", gate))  # silu
         return self.linear(g.op("Mul", act, up), f"{prefix}.down_proj")
 

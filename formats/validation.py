@@ -229,9 +229,13 @@ def verdict_line(report: dict) -> str:
     v = report["verdict"]
     if v["passed"]:
         return "validation passed"
+    exact_option = ""
+    if (report.get("runtime") or {}).get("accuracy_level", 0) > 0:  # int8 activations: not the checkpoint's math
+        exact_option = (f", or re-export with --accuracy-level 0 (float activations, exact; accuracy_level "
+                        f"{report['runtime']['accuracy_level']} quantizes activations to int8)")
     return (f"validation failed: {'; '.join(v['failures'])} (the artifact does not behave like the checkpoint's "
             "model: check that it was exported from this checkpoint, or loosen --max-kl / --min-top1 / "
-            "--max-ppl-ratio for a lossy export)")
+            f"--max-ppl-ratio for a lossy export{exact_option})")
 
 
 def write_report(report: dict, path: str | os.PathLike) -> Path:

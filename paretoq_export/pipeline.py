@@ -13,6 +13,7 @@ import torch
 from paretoq_export.canonical.atomic import check_output
 from paretoq_export.canonical.checkpoint import CheckpointError
 from paretoq_export.canonical.licenses import known_license
+from paretoq_export.canonical.model_description import FAMILIES
 from paretoq_export.model_source import check_model_code, load_model, load_tokenizer, read_model_config
 from qat.checkpoint_io import QATCheckpoint
 from qat.data import DataConfig, build_data
@@ -33,7 +34,7 @@ def refuse_float_linears(model: torch.nn.Module) -> None:
     if left:
         raise ValueError(f"{len(left)} linear layer(s) would stay float ({', '.join(left[:3])}"
                          f"{', ...' if len(left) > 3 else ''}): their layout is not one ParetoQ quantizes here; "
-                         "use a supported architecture (Llama, Qwen2, Qwen3)")
+                         f"use a supported architecture ({', '.join(f.hf_class for f in FAMILIES.values())})")
 
 
 def _is_main_process() -> bool:

@@ -45,7 +45,7 @@ class QuickstartConfig:
     block_size: int = 128
     # 4 x 128-token steps are 16x noisier than the recipe's GPU batches: its 5e-4 made the model worse than RTN here
     # (held-out PPL 50.5 vs RTN 42.2, float 33.7); 3e-5 gives 38.4 and 1.08x F16 in llama.cpp (docs/BENCHMARKS.md)
-    lr: float | None = 3e-5  # None: the recipe's (5e-4 at 4 bits, 1e-3 at <= 2 bits)
+    lr: float | None = 3e-5  # None: the recipe's (3e-5 at 3/4 bits per group, 5e-4 per row, 1e-3 at <= 2 bits)
     eval_blocks: int = 16  # held-out blocks for the PyTorch perplexities
     validate_tokens: int = 512  # held-out tokens evaluated in llama.cpp against the reference
     threads: int = 2

@@ -13,7 +13,10 @@ from qat.modules import GROUP_SIZES, QUANT_MODULES, QuantEmbedding, QuantLinear,
 from qat.quantizers import ALPHA_INITS
 from qat.targets import format_stored_bits, stored_bits
 
-DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# separate projections (Llama, Qwen, Mistral) and the fused ones of Phi-3 (qkv_proj, gate_up_proj): a fused weight is
+# quantized per row like any other, each row keeping its own step, so splitting it later is exact
+DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+                   "gate_up_proj")
 
 
 @dataclass

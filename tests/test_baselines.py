@@ -62,3 +62,16 @@ def test_unknown_baselines_are_refused(float_ckpt, tmp_path):
         make_baseline("onnx", "int3", float_ckpt, tmp_path)
     with pytest.raises(ArtifactError, match="unknown ExecuTorch baseline 'int8'"):
         make_baseline("executorch", "int8", float_ckpt, tmp_path)
+
+
+def test_runtime_perplexity_pools_blocks_each_scored_from_an_empty_context(float_ckpt, ids, tmp_path):
+    import math
+
+    path = make_baseline("onnx", "int4", float_ckpt, tmp_path)
+    first, second = ids[:48], ids[48:96]
+    alone = [runtime_perplexity(path, first), runtime_perplexity(path, second)]
+    pooled = runtime_perplexity(path, [first, second])
+    assert pooled == pytest.approx(math.exp((math.log(alone[0]) + math.log(alone[1])) / 2), rel=1e-9)
+    assert pooled != pytest.approx(runtime_perplexity(path, ids[:96]), rel=1e-6)  # not one 96-token context
+    with pytest.raises(ValueError, match="equal lengths"):
+        runtime_perplexity(path, [first, second[:10]])

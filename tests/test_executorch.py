@@ -22,10 +22,13 @@ from formats.executorch_weights import container_for, intx_weight, verify_eager_
 from formats.validation import validate_artifact  # noqa: E402
 from paretoq_export.canonical.grids import GRIDS  # noqa: E402
 from qat.quantizers import dequantize_codes  # noqa: E402
+from tiny_models import TINY_TEXT  # noqa: E402
 
 BITS = (1, 1.58, 2, 3, 4)
 # base 2 bits (v_proj, up_proj) + one module per other grid: every grid in one lowering
 MIXED_BITS = (("q_proj", 1.0), ("k_proj", 1.58), ("o_proj", 3.0), ("gate_proj", 4.0), ("down_proj", 1.58))
+# Phi-3's four fused-layout linears: base 2 bits (down_proj) + 1, 3 and 4 bits
+MIXED_BITS_FUSED = (("qkv_proj", 1.0), ("o_proj", 3.0), ("gate_up_proj", 4.0))
 
 
 @functools.lru_cache(maxsize=None)
@@ -237,7 +240,7 @@ def mixed_pte(tmp_path_factory):
 
     def get(arch: str):
         if arch not in out:
-            ckpt = tiny_checkpoint(arch, 2, MIXED_BITS, layers=1)
+            ckpt = tiny_checkpoint(arch, 2, MIXED_BITS_FUSED if arch == "phi3" else MIXED_BITS, layers=1)
             path = tmp_path_factory.mktemp(f"mixed-{arch}") / "m.pte"
             out[arch] = ckpt, E.export_executorch(ckpt, path, E.ExecuTorchOptions(max_seq_len=128, progress=False))
         return out[arch]
@@ -248,12 +251,16 @@ def mixed_pte(tmp_path_factory):
 def check_tiny_pte(ckpt, result, label: str) -> dict:
     """What every tiny .pte must show: exact weights, all linears in XNNPACK, logits close to PyTorch, KV cache
     consistent, metadata and tokenizer as the LLM runner needs them."""
-    assert result.weights["exact"] == result.weights["tensors"] == 7
-    # every linear (7 quantized + lm_head) and its int8 activation quantization runs inside XNNPACK
+    from paretoq_export.canonical.model_description import ModelDescription
+
+    n_linears = len(ModelDescription.from_config(ckpt.config).layer_linears)  # one layer
+    assert result.weights["exact"] == result.weights["tensors"] == n_linears
+    # every linear (the quantized ones + lm_head) and its int8 activation quantization runs inside XNNPACK
     assert result.linears_delegated(), result.delegation.to_json()
-    assert result.delegation.count("aten_linear_default")[0] >= 8
-    assert result.delegation.count("torchao_choose_qparams_affine_default") == (7, 0)
-    report = validate_artifact(result.path, ckpt, _ids(), check_options={"kv_prefill": 40})
+    assert result.delegation.count("aten_linear_default")[0] >= n_linears + 1
+    assert result.delegation.count("torchao_choose_qparams_affine_default") == (n_linears, 0)
+    report = validate_artifact(result.path, ckpt, _ids(), check_options={"kv_prefill": 40}, text=TINY_TEXT)
+    assert report["tokenizer"]["equal"], report["tokenizer"]
     m, kv = report["metrics"], report["checks"]["kv_cache"]
     print(f"{label}: {result.nbytes} bytes, top-1 {m['top1']:.3f} (clear margin "
           f"{m['top1_clear_margin']:.3f}), PPL ratio {m['ppl_ratio']:.5f}, KL {m['kl_mean']:.2e}")
@@ -271,10 +278,11 @@ def check_tiny_pte(ckpt, result, label: str) -> dict:
     return report
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "phi3"])
 def test_tiny_mixed_bits_runs_in_executorch(arch, mixed_pte):
     ckpt, result = mixed_pte(arch)
-    assert sorted({q.grid.bits for q in ckpt.quantized.values()}) == sorted(BITS)  # all five grids in this file
+    grids = sorted({q.grid.bits for q in ckpt.quantized.values()})
+    assert grids == ([1, 2, 3, 4] if arch == "phi3" else sorted(BITS))  # every grid its linears can hold at once
     check_tiny_pte(ckpt, result, f"{arch} mixed 1/1.58/2/3/4-bit")
 
 
@@ -453,6 +461,16 @@ def test_errors_are_clear_and_leave_no_file(tmp_path):
         E.export_executorch(ckpt, tmp_path / "a.pte", opts)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pte"]
     assert (tmp_path / "a.pte").read_bytes() == b"old"
+
+
+def test_sliding_window_bounds_the_cache(tmp_path):
+    """ExecuTorch's custom_sdpa attends over the whole cache, which is the model's sliding-window attention only
+    while the cache is no longer than the window: a longer --max-seq-len is refused in one line, before any work."""
+    ckpt = tiny_checkpoint("mistral", 2, layers=1, sliding_window=32)
+    with pytest.raises(E.ExecuTorchExportError, match=r"--max-seq-len 64 exceeds the model's 32-token sliding "
+                                                      r"window.*choose --max-seq-len 32 or less"):
+        E.export_executorch(ckpt, tmp_path / "a.pte", E.ExecuTorchOptions(max_seq_len=64, progress=False))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_error_is_one_line(tmp_path, capsys):

@@ -18,6 +18,7 @@ from formats.gguf_readback import verify_gguf_readback
 from formats.validation import validate_artifact
 from paretoq_export.canonical.grids import GRIDS, grid_for_bits
 from runtime_tests.metrics import compare_logits
+from tiny_models import TINY_TEXT
 
 pytest.importorskip("llama_cpp")
 
@@ -100,33 +101,147 @@ def _check_close(metrics: dict) -> None:
     assert abs(metrics["ppl_ratio"] - 1) < 0.01, metrics
 
 
+def _cached_equals_uncached(path, prompt: list[int], new_tokens: int = 16) -> bool:
+    """Greedy decode through llama.cpp's KV cache, one token at a time, equals the argmax of one uncached
+    evaluation of prompt + generated tokens at every generated position."""
+    from runtime_tests.llamacpp import LlamaCppRunner
+
+    with LlamaCppRunner(path, n_ctx=64) as runner:
+        generated = runner.generate(prompt, new_tokens)
+        recomputed = runner.logits(prompt + generated)
+    return generated == recomputed[len(prompt) - 1:-1].argmax(axis=-1).tolist()
+
+
 def _bit_exact(readback: dict) -> bool:
     return readback["exact"] == readback["checked"] and not readback["mismatches"]
 
 
+# llama.cpp architecture per family, as convert_hf_to_gguf writes it
+LLAMA_CPP_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "phi3": "phi3"}
+
+
+def linears_per_layer(ckpt) -> int:
+    from paretoq_export.canonical.model_description import ModelDescription
+
+    return len(ModelDescription.from_config(ckpt.config).layer_linears)
+
+
 @pytest.mark.parametrize(
-    "arch,bits",
-    [("llama", b) for b in (1, 1.58, 2, 3, 4)] + [("qwen2", 1.58), ("qwen2", 4), ("qwen3", 2), ("qwen3", 3)],
+    "arch,bits,kw",
+    [("llama", b, ()) for b in (1, 1.58, 2, 3, 4)] + [("qwen2", 1.58, ()), ("qwen2", 4, ()), ("qwen3", 2, ()),
+                                                      ("qwen3", 3, ()), ("mistral", 1.58, ()), ("mistral", 3, ()),
+                                                      # Mistral Nemo's shape: head_dim not hidden / heads
+                                                      ("mistral", 2, (("head_dim", 128),)),
+                                                      ("phi3", 2, ()), ("phi3", 4, ()),
+                                                      # Phi-3-mini's shape: untied, every head dim rotated
+                                                      ("phi3", 3, (("tie_word_embeddings", False),
+                                                                   ("partial_rotary_factor", 1.0)))],
 )
-def test_tiny_export_exact_and_runs(tmp_path, arch, bits):
-    ckpt = tiny_checkpoint(arch, bits)
+def test_tiny_export_exact_and_runs(tmp_path, arch, bits, kw):
+    ckpt = tiny_checkpoint(arch, bits, **dict(kw))
     result = G.export_gguf(ckpt, tmp_path / "m.gguf")
     types = {r.gguf_name: r.ggml_type for r in result.records if r.grid is not None}
-    assert len(types) == 7 * 2 and set(types.values()) == {EXPECTED_TYPE[bits]}
+    assert len(types) == linears_per_layer(ckpt) * 2 and set(types.values()) == {EXPECTED_TYPE[bits]}
     assert not result.fallbacks and not result.lossy
-    report = validate_artifact(result.path, ckpt, _ids())
+    report = validate_artifact(result.path, ckpt, _ids(), text=TINY_TEXT)
     assert _bit_exact(report["readback"])
     _check_close(report["metrics"])
     assert report["metrics"]["tokens"] == 128
+    assert report["tokenizer"]["equal"] and report["tokenizer"]["tokens"] > 30, report["tokenizer"]
+    assert _cached_equals_uncached(result.path, _ids(16).tolist())
     reader = gguf.GGUFReader(str(result.path))
     names = {t.name for t in reader.tensors}
     assert ("output.weight" in names) == (not ckpt.tied)
     arch_name = bytes(reader.get_field("general.architecture").parts[-1]).decode()
-    assert arch_name == arch
+    assert arch_name == LLAMA_CPP_ARCH[arch]
     if arch == "qwen2":
         assert "blk.0.attn_q.bias" in names
     if arch == "qwen3":
         assert "blk.0.attn_q_norm.weight" in names
+    if arch == "phi3":  # fused as llama.cpp's phi3 graph reads them: attn_qkv, and gate then up in ffn_up
+        assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= names and "blk.0.ffn_gate.weight" not in names
+        head_dim = ckpt.config["hidden_size"] // ckpt.config["num_attention_heads"]
+        rope_dims = int(reader.get_field("phi3.rope.dimension_count").parts[-1][0])
+        assert rope_dims == int(head_dim * dict(kw).get("partial_rotary_factor", 0.75))
+
+
+PHI3_CHAT_TEMPLATE = (  # Phi-3-mini-instruct's
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+    "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+
+def test_phi3_chat_template_reaches_llama_cpp(tmp_path):
+    """The tokenizer's chat template is the file's tokenizer.chat_template, as llama.cpp reads it."""
+    from paretoq_export.canonical.checkpoint import saved_tokenizer_files
+    from runtime_tests.llamacpp import LlamaCppRunner
+    from tiny_models import tiny_tokenizer
+
+    ckpt = tiny_checkpoint("phi3", 4)
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = PHI3_CHAT_TEMPLATE
+    ckpt = type(ckpt)(ckpt.config, ckpt.quantized, ckpt.tensors, saved_tokenizer_files(tokenizer), ckpt.recipe)
+    path = G.export_gguf(ckpt, tmp_path / "m.gguf").path
+    reader = gguf.GGUFReader(str(path))
+    assert bytes(reader.get_field("tokenizer.chat_template").parts[-1]).decode() == PHI3_CHAT_TEMPLATE
+    messages = [{"role": "user", "content": "Hello"}]
+    with LlamaCppRunner(path, n_ctx=64) as runner:
+        assert runner.llm.metadata["tokenizer.chat_template"] == PHI3_CHAT_TEMPLATE
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        "<|user|>\nHello<|end|>\n<|assistant|>\n"
+
+
+def longrope_phi3(bits: float = 2):
+    """Phi-4-mini's shape with its rope: longrope factors (0.75 of each head rotated), context 2x the original."""
+    from qat.checkpoint_io import QATCheckpoint
+    from qat.prepare import QATConfig, prepare
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    factors = [1.0 + i / 12 for i in range(24)]  # rotary dims / 2 = 64 * 0.75 / 2
+    rope = {"rope_type": "longrope", "short_factor": factors, "long_factor": factors[::-1], "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.75}
+    model = prepare(tiny_model("phi3", rope_scaling=rope, original_max_position_embeddings=256,
+                                   max_position_embeddings=512), QATConfig(bits=bits))
+    return QATCheckpoint.from_qat_model(model, tiny_tokenizer(), recipe={"method": "rtn", "test": True})
+
+
+def test_phi3_longrope(tmp_path, monkeypatch):
+    """Longrope as Phi3MiniModel writes it: long / short factor tensors and the cos/sin scale; within the original
+    context llama.cpp and transformers both use the short factors (with F32 weights the logits agree to ~1e-6).
+    Negative control: without the scale, the KL shows it."""
+    from formats import gguf_metadata
+
+    ckpt = longrope_phi3()
+    assert ckpt.config["rope_parameters"]["rope_type"] == "longrope"
+    result = G.export_gguf(ckpt, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(str(result.path))
+    names = {t.name for t in reader.tensors}
+    assert {"rope_factors_long.weight", "rope_factors_short.weight"} <= names
+    scale = float(reader.get_field("phi3.rope.scaling.attn_factor").parts[-1][0])
+    assert scale == pytest.approx((1 + np.log(2) / np.log(256)) ** 0.5, rel=1e-6)
+    # 128 tokens (llama.cpp pads its context to 256): within the original context, short factors on both sides
+    report = validate_artifact(result.path, ckpt, _ids())
+    assert _bit_exact(report["readback"])
+    _check_close(report["metrics"])
+    f32 = G.GGUFOptions(tensor_types=[".*=F32"])  # exact weights: only the rope can differ
+    exact = validate_artifact(G.export_gguf(ckpt, tmp_path / "f32.gguf", f32).path, ckpt, _ids())["metrics"]
+    assert exact["max_abs_diff"] < 1e-5, exact
+    monkeypatch.setattr(gguf_metadata, "longrope_attention_factor", lambda model: 1.0)
+    unscaled = validate_artifact(G.export_gguf(ckpt, tmp_path / "unscaled.gguf", f32).path, ckpt, _ids())["metrics"]
+    assert unscaled["max_abs_diff"] > 1e-3, unscaled
+
+
+def test_sliding_window_beyond_context_is_said(tmp_path, caplog):
+    """llama.cpp's llama graph (Mistral's) attends over the whole context: a window narrower than the context is
+    said in the log, and the file still equals the model on contexts up to the window."""
+    ckpt = tiny_checkpoint("mistral", 2, sliding_window=64)
+    with caplog.at_level(logging.WARNING):
+        result = G.export_gguf(ckpt, tmp_path / "m.gguf")
+    assert "64-token sliding window" in caplog.text and "up to 64 tokens" in caplog.text
+    report = validate_artifact(result.path, ckpt, _ids(64))
+    assert _bit_exact(report["readback"])
+    _check_close(report["metrics"])
 
 
 def test_tq1_and_untied_llama(tmp_path):

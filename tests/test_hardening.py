@@ -205,7 +205,7 @@ def test_output_that_cannot_be_written_fails_before_loading(tmp_path, capsys):
         assert_one_error(code, err, "no write permission")
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "phi3", "gemma2", "gpt2"])
+@pytest.mark.parametrize("model_type", ["gemma2", "gpt2", "stablelm", "phimoe"])
 def test_unsupported_architecture_refused_before_loading(tmp_path, capsys, model_type):
     from transformers import AutoConfig
 
@@ -217,6 +217,43 @@ def test_unsupported_architecture_refused_before_loading(tmp_path, capsys, model
     code, _, err = run_cli(capsys, "quantize", "--model", model, "--bits", "2", "-o", tmp_path / "ck")
     assert_one_error(code, err, "cannot be exported", "LlamaForCausalLM", "Qwen3ForCausalLM")
     assert "--target-modules" not in err[0] and not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "executorch"])
+def test_phi3_longrope_is_refused_in_one_line(tmp_path, capsys, fmt):
+    """Phi-3's 128k variants and Phi-4-mini (longrope: frequencies chosen by sequence length) are refused by the
+    ONNX and ExecuTorch exporters in one line, before anything is written (GGUF writes them as llama.cpp does:
+    tests/test_gguf.py); the 4k variants (no rope scaling) export everywhere."""
+    pytest.importorskip({"onnx": "onnxruntime", "executorch": "executorch"}[fmt])
+    from qat.checkpoint_io import QATCheckpoint
+    from qat.prepare import QATConfig, prepare
+
+    factors = [1.0 + i / 24 for i in range(24)]  # rotary dims / 2 (64 * 0.75 / 2)
+    rope = {"rope_type": "longrope", "short_factor": factors, "long_factor": factors, "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.75}
+    model = tiny_model("phi3", rope_scaling=rope, original_max_position_embeddings=128)
+    ckpt_dir = QATCheckpoint.from_qat_model(prepare(model, QATConfig(bits=2)), tiny_tokenizer()).save(tmp_path / "ck")
+    code, _, err = run_cli(capsys, "--format", fmt, ckpt_dir, "-o", f"{tmp_path}/out/", "--no-validate")
+    assert_one_error(code, err, "rope type 'longrope' is not supported")
+    assert not list((tmp_path / "out").glob("*"))
+
+
+def test_unsupported_gguf_refused_from_its_metadata(tmp_path, capsys):
+    """A .gguf input is judged by the architecture its metadata names, before transformers reads a tensor."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "gpt2.gguf"
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_context_length(64), writer.add_embedding_length(32), writer.add_feed_forward_length(64)
+    writer.add_block_count(1), writer.add_head_count(2), writer.add_layer_norm_eps(1e-5)
+    writer.add_tokenizer_model("gpt2"), writer.add_token_list(["a", "b"]), writer.add_token_types([1, 1])
+    writer.add_token_merges(["a b"]), writer.add_bos_token_id(0), writer.add_eos_token_id(1)
+    writer.add_tensor("token_embd.weight", np.zeros((2, 32), np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    code, _, err = run_cli(capsys, "quantize", "--model", path, "--bits", "2", "-o", tmp_path / "ck")
+    assert_one_error(code, err, "'gpt2' cannot be exported", "MistralForCausalLM", "Phi3ForCausalLM")
+    assert not (tmp_path / "ck").exists()
 
 
 # ----------------------------------------------------------------------------- 4. one line, never a traceback
@@ -490,10 +527,7 @@ UNICODE_TEXT = "Zürich – naïve café, 東京 and emoji 🙂; tabs\tand  doub
 
 @pytest.mark.parametrize("fmt, ships", [
     ("gguf", "tokenizer.model"),
-    # formats/gguf_vocab.py writes a SentencePiece tokenizer.json without tokenizer.model as a gpt2 (byte-level)
-    # vocabulary; the validation catches it and publishes nothing. Strict: passes once the writer handles it.
-    pytest.param("gguf", "tokenizer.json only", marks=pytest.mark.xfail(
-        strict=True, reason="GGUF vocabulary of a SentencePiece tokenizer.json without tokenizer.model")),
+    ("gguf", "tokenizer.json only"),  # tokens, merge-rank scores and types from the tokenizer.json's BPE model
     ("onnx", "tokenizer.model"),
     ("onnx", "tokenizer.json only"),
     pytest.param("executorch", "tokenizer.model", marks=pytest.mark.slow),  # lowering: a minute each
@@ -522,6 +556,64 @@ def test_sentencepiece_artifact_tokenizer_matches_transformers(tmp_path, capsys,
 
 
 TEXT_SAMPLE = "The history of the region is long and complex. Early settlements grew along the river. " * 5
+
+
+def test_sentencepiece_json_without_space_prefix_in_gguf(tmp_path, capsys):
+    """A SentencePiece BPE tokenizer.json that puts no U+2581 before the text (Gemma's: spaces replaced, nothing
+    prepended) is written with tokenizer.ggml.add_space_prefix false, and llama.cpp tokenizes as transformers."""
+    pytest.importorskip("llama_cpp")
+    from transformers import PreTrainedTokenizerFast
+
+    from qat.checkpoint_io import QATCheckpoint
+    from qat.prepare import QATConfig, prepare
+
+    sentencepiece_tokenizer(tmp_path / "spm").save_pretrained(tmp_path / "saved")
+    spec = json.loads((tmp_path / "saved" / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+    spec["pre_tokenizer"] = None
+    (tmp_path / "saved" / "tokenizer.json").write_text(json.dumps(spec))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "saved" / "tokenizer.json"), bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>")
+    assert tokenizer.tokenize("a b")[0] == "a"  # nothing prepended
+    model = prepare(tiny_model("llama", vocab_size=SPM_VOCAB), QATConfig(bits=2))
+    ckpt_dir = QATCheckpoint.from_qat_model(model, tokenizer, recipe={"method": "rtn"}).save(tmp_path / "ck")
+    text = tmp_path / "text.txt"
+    text.write_text(UNICODE_TEXT + TEXT_SAMPLE)
+    code, _, err = run_cli(capsys, "--format", "gguf", ckpt_dir, "-o", tmp_path / "m.gguf", "--text", text,
+                           "--validate-tokens", "96")
+    assert code == 0, err
+    report = json.loads((tmp_path / "m.gguf.validation.json").read_text())
+    assert report["tokenizer"]["equal"] and report["tokenizer"]["tokens"] > 100, report["tokenizer"]
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx", pytest.param("executorch", marks=pytest.mark.slow)])
+def test_mobilellm_style_on_grid_import_exports_end_to_end(tmp_path, capsys, fmt):
+    """A MobileLLM-ParetoQ-style release: a Llama with shared embeddings, 2-bit weights already on the grid, and a
+    SentencePiece tokenizer.model; `import --kind on-grid` then export, validated with the artifact's own
+    tokenizer on text (the checkpoint holds the tokenizer.json transformers 5 writes)."""
+    pytest.importorskip({"gguf": "llama_cpp", "onnx": "onnxruntime", "executorch": "executorch"}[fmt])
+    from qat.checkpoint_io import QATCheckpoint
+    from qat.prepare import QATConfig, prepare
+
+    model_dir = tmp_path / "MobileLLM-ParetoQ-tiny-2-bit"
+    rtn = QATCheckpoint.from_qat_model(prepare(tiny_model("llama", vocab_size=SPM_VOCAB), QATConfig(bits=2)))
+    rtn.build_reference_model().save_pretrained(model_dir)  # float32 weights holding grid values
+    sentencepiece_tokenizer(model_dir)
+    code, _, err = run_cli(capsys, "import", "--kind", "on-grid", "--model", model_dir, "--bits", "2", "-o",
+                           tmp_path / "ck")
+    assert code == 0, err
+    ckpt = QuantizedCheckpoint.load(tmp_path / "ck")
+    assert ckpt.tied and {q.grid.name for q in ckpt.quantized.values()} == {"seq2"}
+    for key, q in ckpt.quantized.items():  # the on-grid weights recovered exactly
+        assert torch.equal(q.dequantize(), rtn.quantized[key].dequantize()), key
+    text = tmp_path / "text.txt"
+    text.write_text(UNICODE_TEXT + TEXT_SAMPLE)
+    code, _, err = run_cli(capsys, "--format", fmt, tmp_path / "ck", "-o", f"{tmp_path}/out/", "--text", text,
+                           "--validate-tokens", "96")
+    assert code == 0, err
+    (report,) = (tmp_path / "out").rglob("*validation.json")
+    result = json.loads(report.read_text())
+    assert result["tokenizer"]["equal"] and result["tokenizer"]["tokens"] > 100, result["tokenizer"]
 
 
 def test_wrong_vocabulary_fails_validation_though_logits_agree(tmp_path, capsys, ckpt_dir, gguf_file):

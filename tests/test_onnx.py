@@ -21,6 +21,7 @@ from formats.onnx_readback import ReadbackMismatch, decode_matmulnbits, verify_o
 from formats.validation import validate_artifact  # noqa: E402
 from paretoq_export.canonical.grids import GRIDS, grid_for_bits  # noqa: E402
 from runtime_tests.onnxruntime_runner import OnnxRuntimeRunner  # noqa: E402
+from tiny_models import TINY_TEXT  # noqa: E402
 
 ALL_BITS = (1, 1.58, 2, 3, 4)
 # MatMulNBits container per grid, (accuracy level, smallest): by default the fastest exact one (integer zero points:
@@ -125,14 +126,24 @@ def _export(ckpt, path, **options):
     return O.export_onnx(ckpt, path, O.OnnxOptions(progress=False, **options))
 
 
-@pytest.mark.parametrize("arch,bits", [(a, b) for a in ("llama", "qwen2") for b in ALL_BITS] + [("qwen3", 2)])
-def test_tiny_level0_exact_and_matches_reference(tmp_path, arch, bits, capsys):
-    ckpt = tiny_checkpoint(arch, bits)
+def linears_per_layer(ckpt) -> int:
+    from paretoq_export.canonical.model_description import ModelDescription
+
+    return len(ModelDescription.from_config(ckpt.config).layer_linears)
+
+
+@pytest.mark.parametrize("arch,bits,kw", [(a, b, ()) for a in ("llama", "qwen2") for b in ALL_BITS] + [("qwen3", 2, ())]
+                         + [("mistral", 1.58, ()), ("mistral", 4, ()), ("phi3", 2, ()), ("phi3", 3, ()),
+                            ("mistral", 2, (("head_dim", 128),))])  # Mistral Nemo's shape: head_dim not hidden/heads
+def test_tiny_level0_exact_and_matches_reference(tmp_path, arch, bits, kw, capsys):
+    ckpt = tiny_checkpoint(arch, bits, **dict(kw))
     result = _export(ckpt, tmp_path / "m", accuracy_level=0)
     kinds = {r.module: r.container for r in result.records if r.grid is not None}
-    assert len(kinds) == 7 * 2 and set(kinds.values()) == {CONTAINER[0, False][bits]}
-    report = validate_artifact(result.path, ckpt, _ids())
-    assert _bit_exact(report["readback"]) and report["readback"]["matmulnbits"] == 14
+    n_linears = linears_per_layer(ckpt) * 2
+    assert len(kinds) == n_linears and set(kinds.values()) == {CONTAINER[0, False][bits]}
+    report = validate_artifact(result.path, ckpt, _ids(), text=TINY_TEXT)
+    assert _bit_exact(report["readback"]) and report["readback"]["matmulnbits"] == n_linears
+    assert report["tokenizer"]["equal"], report["tokenizer"]
     m = report["metrics"]
     with capsys.disabled():
         print(f"\n{arch} {bits}-bit accuracy_level 0: max rel {m['max_rel_diff']:.2e} KL {m['kl_mean']:.2e} "
@@ -143,7 +154,8 @@ def test_tiny_level0_exact_and_matches_reference(tmp_path, arch, bits, capsys):
     assert m["tokens"] == 128
 
 
-@pytest.mark.parametrize("arch,bits", [(a, b) for a in ("llama", "qwen2") for b in ALL_BITS])
+@pytest.mark.parametrize("arch,bits", [(a, b) for a in ("llama", "qwen2") for b in ALL_BITS]
+                         + [("mistral", 2), ("phi3", 1.58), ("phi3", 4)])
 def test_tiny_default_level4_reported(tmp_path, arch, bits, capsys):
     """The default export: the fastest exact container at accuracy_level 4 (int8 activations), within thresholds."""
     ckpt = tiny_checkpoint(arch, bits)
@@ -159,6 +171,39 @@ def test_tiny_default_level4_reported(tmp_path, arch, bits, capsys):
     assert m["kl_mean"] < 1e-3 and m["top1_clear_margin"] >= 0.97 and abs(m["ppl_ratio"] - 1) < 0.01, m
     assert m["max_rel_diff"] > 1e-5  # int8 activations: close, but measurably not the float result
     assert report["checks"]["generation"]["cached_equals_uncached"]
+
+
+@pytest.mark.parametrize("arch,kw", [
+    ("mistral", (("sliding_window", 24),)),
+    # Phi-3-mini's shape: untied, every head dim rotated, its own window
+    ("phi3", (("sliding_window", 24), ("tie_word_embeddings", False), ("partial_rotary_factor", 1.0))),
+])
+def test_sliding_window_in_the_mask(tmp_path, arch, kw):
+    """A window narrower than the validated text: the mask closes keys past it, exactly as transformers does
+    (float activations, 128 tokens against a 24-token window), and cached decode beyond the window equals
+    uncached. Negative control: without the window the same weights give other logits past position 24."""
+    import torch
+
+    ckpt = tiny_checkpoint(arch, 2, **dict(kw))
+    result = _export(ckpt, tmp_path / "m", accuracy_level=0)
+    report = validate_artifact(result.path, ckpt, _ids())
+    m = report["metrics"]
+    assert _bit_exact(report["readback"]) and m["max_rel_diff"] < 1e-5 and m["top1"] == 1.0, m
+    assert report["checks"]["generation"]["cached_equals_uncached"], report["checks"]["generation"]
+    runner = OnnxRuntimeRunner(result.path)
+    ids = _ids(64)
+    full = runner.logits(ids)
+    out, past = runner.forward(ids[None, :8])
+    steps = [out[0]]
+    for t in ids[8:]:
+        out, past = runner.forward(np.array([[t]]), past)
+        steps.append(out[0])
+    np.testing.assert_allclose(np.concatenate(steps), full, rtol=0, atol=1e-5)
+    unwindowed = type(ckpt)(dict(ckpt.config, sliding_window=None), ckpt.quantized, ckpt.tensors,
+                            ckpt.tokenizer_files, ckpt.recipe)
+    with torch.no_grad():
+        plain = unwindowed.build_reference_model()(torch.from_numpy(ids)[None]).logits[0].numpy()
+    assert np.abs(plain[:24] - full[:24]).max() < 1e-4 and np.abs(plain[24:] - full[24:]).max() > 1e-2
 
 
 def test_smallest_and_padded_block(tmp_path, caplog):

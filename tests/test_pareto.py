@@ -210,5 +210,7 @@ def test_given_checkpoint_is_swept_not_trained(first_run, inputs, tmp_path, monk
     assert cell["checkpoint"]["checkpoint"] == str(given.resolve())
     assert cell["checkpoint"]["method"] == "qat" and cell["checkpoint"]["steps"] == 6  # from the checkpoint's recipe
     assert cell["validation"]["readback"] and not (tmp_path / "sweep" / "checkpoints").exists()
+    header = (tmp_path / "sweep" / "pareto.md").read_text()
+    assert "given checkpoints" in header and "2bit from 2bit" in header and "budget paper" not in header
     with pytest.raises(ParetoError, match="config.json missing"):
         _config(inputs, tmp_path / "x", checkpoints={"4": str(tmp_path)})

@@ -198,3 +198,17 @@ def test_cli_qat_with_teacher_data_keep_best_and_determinism(tmp_path):
         assert torch.equal(q.codes, b.quantized[name].codes) and torch.equal(q.scale, b.quantized[name].scale)
     assert main(["eval", str(tmp_path / "a"), "--data", "teacher:512", "--heldout-data", str(text),
                  "--block-size", "32"]) == 0
+
+
+@pytest.mark.parametrize("bits, group_size, lr", [(2, None, 1e-3), (2, 32, 1e-3), (4, None, 5e-4), (4, 32, 3e-5),
+                                                  (3, 64, 3e-5), (3, None, 5e-4)])
+def test_default_recipe_lr_follows_width_and_scale_granularity(bits, group_size, lr):
+    """Group-wise 3/4-bit steps start close to the float model and train at a far lower lr than per-row ones."""
+    from qat.prepare import QATConfig
+    from qat.recipe import apply_recipe
+
+    qat_config, train_config = apply_recipe(recipe("default"), QATConfig(bits=bits, group_size=group_size),
+                                            TrainConfig())
+    assert train_config.lr == pytest.approx(lr)
+    _, explicit = apply_recipe(recipe("default"), qat_config, TrainConfig(lr=1e-4))
+    assert explicit.lr == pytest.approx(1e-4)  # an lr the user gave always wins

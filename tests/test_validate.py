@@ -221,3 +221,14 @@ def test_verdict_thresholds_per_format_and_overrides():
     assert any("top-1 agreement 2.35%" in f for f in verdict["failures"])
     assert judge({**good, "metrics": {**good["metrics"], "ppl_ratio": 1 / 1.03}}, thresholds_for("gguf"))[
         "failures"] == ["PPL ratio 0.9709 outside 1/1.02..1.02"]
+
+
+def test_failed_onnx_verdict_at_int8_activations_suggests_the_exact_level():
+    from formats.validation import judge, thresholds_for, verdict_line
+
+    bad = {"metrics": {"kl_mean": 0.4, "top1_clear_margin": 0.7, "top1": 0.6, "ppl_ratio": 1.2}, "checks": {}}
+    at_level = {level: {**bad, "runtime": {"runtime": "onnxruntime", "accuracy_level": level}} for level in (0, 4)}
+    for report in at_level.values():
+        report["verdict"] = judge(report, thresholds_for("onnx"))
+    assert "--accuracy-level 0" in verdict_line(at_level[4])
+    assert "--accuracy-level" not in verdict_line(at_level[0])  # already exact: the hint would mislead

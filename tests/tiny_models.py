@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
 VOCAB = 320
+RANDOM_NORMS = ("mistral", "phi3")  # the families added later are tested with random norms from the start
 
 
 def tiny_config(arch: str = "llama", hidden: int = 256, intermediate: int = 512, layers: int = 2, **kw):
@@ -21,17 +22,24 @@ def tiny_config(arch: str = "llama", hidden: int = 256, intermediate: int = 512,
         return Qwen2Config(tie_word_embeddings=common.pop("tie_word_embeddings", False), **common)
     if arch == "qwen3":
         return Qwen3Config(tie_word_embeddings=common.pop("tie_word_embeddings", False), head_dim=64, **common)
+    if arch == "mistral":  # the default 4096-token window is wider than the context here; tests narrow it
+        return MistralConfig(tie_word_embeddings=common.pop("tie_word_embeddings", False), **common)
+    if arch == "phi3":  # Phi-4-mini's shape: fused projections, 3/4 of each head rotated, tied embeddings
+        return Phi3Config(tie_word_embeddings=common.pop("tie_word_embeddings", True),
+                          partial_rotary_factor=common.pop("partial_rotary_factor", 0.75), **common)
     raise ValueError(arch)
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, **kw):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **kw)).float().eval()
-    # random init gives near-zero biases; make them visible so a dropped bias would show
+    # random init gives near-zero biases and all-one norms; make them visible so a dropped bias or norm would show
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.05)
+            elif "norm" in name and arch in RANDOM_NORMS:
+                p.normal_(1, 0.1)
     return model
 
 

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--recipe", default="default", choices=("default", "paper"),
                    help="default: least-squares alpha init, soft-to-hard annealing from the float weights, alpha lr "
-                        "x10, distillation from the float model, lr 1e-3 (<=2 bits) / 5e-4 (3/4 bits); paper: "
+                        "x10, distillation from the float model, lr 1e-3 (<=2 bits) / 5e-4 (3/4 bits per row) / 3e-5 (3/4 bits per group); paper: "
                         "ParetoQ's own (max-based alpha, quantized from step 0, no teacher, lr 2e-5 / 1e-5). The "
                         "flags below override single settings")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
