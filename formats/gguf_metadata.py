@@ -36,10 +36,33 @@ _FILE_TYPES = {
 }
 
 
+# llama.cpp architectures named otherwise than the family's model_type
+_LLAMA_CPP_ARCH = {"gemma3_text": gguf.MODEL_ARCH.GEMMA3}
+
+# llama.cpp's gemma3 loader takes every 6th layer as global unless the file carries the pattern (load_swa_pattern)
+_GEMMA3_DEFAULT_SWA_PERIOD = 6
+
+
 def describe_model(config: dict) -> tuple[ModelDescription, gguf.MODEL_ARCH, bool]:
     """The model, its llama.cpp architecture (named as the family) and whether Q/K rows are permuted."""
     model = ModelDescription.from_config(config, "GGUF", GGUFExportError)
-    return model, gguf.MODEL_ARCH[model.model_type.upper()], model.model_type in _INTERLEAVED_ROPE
+    arch = _LLAMA_CPP_ARCH.get(model.model_type) or gguf.MODEL_ARCH[model.model_type.upper()]
+    if arch == gguf.MODEL_ARCH.GEMMA3:
+        # llama.cpp's gemma3 graph scales queries by 1/sqrt(head_dim) and has no attention-score softcapping
+        if model.query_pre_attn_scalar is not None and model.query_pre_attn_scalar != model.head_dim:
+            raise GGUFExportError(f"query_pre_attn_scalar {model.query_pre_attn_scalar:g} differs from head_dim "
+                                  f"{model.head_dim}: llama.cpp's gemma3 scales attention by 1/sqrt(head_dim)")
+        if model.attn_logit_softcapping is not None:
+            raise GGUFExportError("attn_logit_softcapping is not supported by llama.cpp's gemma3 architecture")
+    return model, arch, model.model_type in _INTERLEAVED_ROPE
+
+
+def stored_float_values(hf_name: str, values: np.ndarray, model: ModelDescription) -> np.ndarray:
+    """The float32 values llama.cpp reads for a float tensor: Gemma's norms hold (1 + w), as convert_hf_to_gguf's
+    Gemma3Model writes them, added in float32 as transformers' Gemma3RMSNorm adds them (so the product is the same)."""
+    if model.family.norm_offset and hf_name.endswith("norm.weight"):
+        return values.astype(np.float32) + np.float32(model.family.norm_offset)
+    return values
 
 
 def _permutation(rows: int, n_head: int) -> np.ndarray:
@@ -176,6 +199,16 @@ def add_metadata(writer, ckpt, model: ModelDescription, options, records, file_t
     elif rope_type not in ("default", "llama3"):
         raise GGUFExportError(f"rope type {rope_type!r} is not supported by the GGUF exporter (default, linear, "
                               "yarn, llama3)")
+    if model.local_rope_theta is not None:  # as convert_hf_to_gguf's TextModel: rope_parameters["sliding_attention"]
+        writer.add_rope_freq_base_swa(float(model.local_rope_theta))
+    if model.sliding_window and model.layer_types:
+        writer.add_sliding_window(int(model.sliding_window))
+        sliding = [model.is_sliding(i) for i in range(model.n_layers)]
+        default = [i % _GEMMA3_DEFAULT_SWA_PERIOD < _GEMMA3_DEFAULT_SWA_PERIOD - 1 for i in range(model.n_layers)]
+        if sliding != default:  # the converter writes none (its models follow the default); others need the layers
+            writer.add_sliding_window_pattern(sliding)
+    if model.final_logit_softcapping:
+        writer.add_final_logit_softcapping(float(model.final_logit_softcapping))
     head_dim = model.head_dim
     if model.model_type == "llama":
         writer.add_vocab_size(model.vocab)

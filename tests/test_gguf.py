@@ -18,6 +18,7 @@ from formats.gguf_readback import verify_gguf_readback
 from formats.validation import validate_artifact
 from paretoq_export.canonical.grids import GRIDS, grid_for_bits
 from runtime_tests.metrics import compare_logits
+from tiny_models import TINY_TEXT
 
 pytest.importorskip("llama_cpp")
 
@@ -106,18 +107,20 @@ def _bit_exact(readback: dict) -> bool:
 
 @pytest.mark.parametrize(
     "arch,bits",
-    [("llama", b) for b in (1, 1.58, 2, 3, 4)] + [("qwen2", 1.58), ("qwen2", 4), ("qwen3", 2), ("qwen3", 3)],
+    [("llama", b) for b in (1, 1.58, 2, 3, 4)] + [("qwen2", 1.58), ("qwen2", 4), ("qwen3", 2), ("qwen3", 3)]
+    + [("gemma3", 2), ("gemma3", 4)],
 )
 def test_tiny_export_exact_and_runs(tmp_path, arch, bits):
     ckpt = tiny_checkpoint(arch, bits)
     result = G.export_gguf(ckpt, tmp_path / "m.gguf")
     types = {r.gguf_name: r.ggml_type for r in result.records if r.grid is not None}
-    assert len(types) == 7 * 2 and set(types.values()) == {EXPECTED_TYPE[bits]}
+    assert len(types) == 7 * ckpt.config["num_hidden_layers"] and set(types.values()) == {EXPECTED_TYPE[bits]}
     assert not result.fallbacks and not result.lossy
-    report = validate_artifact(result.path, ckpt, _ids())
+    report = validate_artifact(result.path, ckpt, _ids(), text=TINY_TEXT)
     assert _bit_exact(report["readback"])
     _check_close(report["metrics"])
     assert report["metrics"]["tokens"] == 128
+    assert report["tokenizer"]["equal"], report["tokenizer"]
     reader = gguf.GGUFReader(str(result.path))
     names = {t.name for t in reader.tensors}
     assert ("output.weight" in names) == (not ckpt.tied)
@@ -127,6 +130,13 @@ def test_tiny_export_exact_and_runs(tmp_path, arch, bits):
         assert "blk.0.attn_q.bias" in names
     if arch == "qwen3":
         assert "blk.0.attn_q_norm.weight" in names
+    if arch == "gemma3":
+        assert {"blk.0.post_attention_norm.weight", "blk.0.ffn_norm.weight", "blk.0.post_ffw_norm.weight"} <= names
+        pattern = reader.get_field("gemma3.attention.sliding_window_pattern")
+        assert [bool(pattern.parts[i][0]) for i in pattern.data] == [True, False, True]  # not llama.cpp's default
+        assert reader.get_field("gemma3.attention.sliding_window").parts[-1][0] == 16
+        # the window (16) is shorter than the 128 tokens: a wrong pattern, window or norm offset gives KL > 1e-2
+        assert report["metrics"]["top1_clear_margin"] == 1.0 and abs(report["metrics"]["ppl_ratio"] - 1) < 0.005
 
 
 def test_tq1_and_untied_llama(tmp_path):
@@ -273,3 +283,16 @@ def test_smollm2(tmp_path, bits):
         # RTN 2-bit SmolLM2 is a broken model (reference PPL ~5e6): llama.cpp's 8-bit activations change its
         # chaotic logits, so only exactness and loading are asserted here; trained (QAT) checkpoints are the target
         assert np.isfinite(m["ppl_artifact"])
+
+
+def test_gemma3_cached_decode_equals_recompute(tmp_path):
+    """Past the sliding window (16), decoding through llama.cpp's KV cache picks the tokens a full recompute does."""
+    from runtime_tests.llamacpp import LlamaCppRunner
+
+    ckpt = tiny_checkpoint("gemma3", 4)
+    path = G.export_gguf(ckpt, tmp_path / "m.gguf").path
+    prompt = _ids(40).tolist()
+    with LlamaCppRunner(path, n_ctx=128) as runner:
+        generated = runner.generate(prompt, 24)
+        recomputed = runner.logits(prompt + generated)
+    assert generated == recomputed[len(prompt) - 1:-1].argmax(-1).tolist()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
 VOCAB = 320
 
@@ -21,6 +21,17 @@ def tiny_config(arch: str = "llama", hidden: int = 256, intermediate: int = 512,
         return Qwen2Config(tie_word_embeddings=common.pop("tie_word_embeddings", False), **common)
     if arch == "qwen3":
         return Qwen3Config(tie_word_embeddings=common.pop("tie_word_embeddings", False), head_dim=64, **common)
+    if arch == "gemma3":
+        # head_dim != hidden / heads; a window shorter than the test texts and a sliding/global mix that is not
+        # llama.cpp's default (every 6th layer global), each with its own rope base
+        common["num_hidden_layers"] = kw.get("num_hidden_layers", max(layers, 3))
+        return Gemma3TextConfig(
+            tie_word_embeddings=common.pop("tie_word_embeddings", True), head_dim=128, query_pre_attn_scalar=128,
+            sliding_window=16, layer_types=(["sliding_attention", "full_attention", "sliding_attention"] * 4)[
+                :common["num_hidden_layers"]],
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+            **common)
     raise ValueError(arch)
 
 
@@ -32,6 +43,8 @@ def tiny_model(arch: str = "llama", seed: int = 0, **kw):
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.05)
+            elif arch == "gemma3" and name.endswith("norm.weight"):  # Gemma's (1 + w) norms start at w = 0
+                p.normal_(0, 0.3)
     return model
 
 

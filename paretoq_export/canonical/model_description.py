@@ -20,12 +20,21 @@ class Family:
     hf_class: str  # config.json "architectures"[0]
     transformers_prefix: str  # class-name prefix in transformers.models.<model_type> (LlamaRotaryEmbedding, ...)
     qk_norm: bool  # RMSNorm on each head of q and k before rotary (Qwen3)
+    # Gemma: RMSNorm scales by (norm_offset + weight), computed in float32
+    norm_offset: float = 0.0
+    # Gemma 2/3: norms on the attention and MLP outputs too (post_attention_layernorm is the attention output's norm,
+    # pre_feedforward_layernorm the MLP input's), where Llama's post_attention_layernorm is the MLP input's norm
+    sandwich_norms: bool = False
+    embedding_scaled: bool = False  # the embedding lookup is multiplied by sqrt(hidden) (Gemma)
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("llama", "LlamaForCausalLM", "Llama", qk_norm=False),  # SmolLM, MobileLLM-style tied embeddings, GQA
     Family("qwen2", "Qwen2ForCausalLM", "Qwen2", qk_norm=False),  # q/k/v biases
     Family("qwen3", "Qwen3ForCausalLM", "Qwen3", qk_norm=True),
+    # interleaved sliding-window / global layers with their own rope bases, GELU-tanh MLP
+    Family("gemma3_text", "Gemma3ForCausalLM", "Gemma3", qk_norm=True, norm_offset=1.0, sandwich_norms=True,
+           embedding_scaled=True),
 )}
 
 
@@ -67,6 +76,13 @@ class ModelDescription:
     partial_rotary_factor: float
     rope: dict = field(compare=False)
     explicit_head_dim: bool = False  # config.json names head_dim (not derived from hidden / heads)
+    # per layer "sliding_attention" / "full_attention" (Gemma 3); empty: every layer alike (sliding when
+    # sliding_window is set)
+    layer_types: tuple[str, ...] = ()
+    local_rope_theta: float | None = None  # rope base of the sliding layers, where it differs from rope["rope_theta"]
+    query_pre_attn_scalar: float | None = None  # attention scale is its inverse square root (Gemma); None: head_dim
+    final_logit_softcapping: float | None = None  # logits -> c * tanh(logits / c)
+    attn_logit_softcapping: float | None = None  # attention scores -> c * tanh(scores / c) (Gemma 2)
 
     @property
     def model_type(self) -> str:
@@ -80,6 +96,25 @@ class ModelDescription:
     def transformers_prefix(self) -> str:
         return self.family.transformers_prefix
 
+    @property
+    def attention_scale(self) -> float:
+        return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def embedding_scale(self) -> float | None:
+        """The factor of the embedding lookup (sqrt(hidden), Gemma), or None."""
+        return self.hidden ** 0.5 if self.family.embedding_scaled else None
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether ``layer`` attends only to the last ``sliding_window`` positions."""
+        if not self.sliding_window:
+            return False
+        return not self.layer_types or self.layer_types[layer] == "sliding_attention"
+
+    def rope_theta(self, layer: int) -> float:
+        base = float(self.rope.get("rope_theta", 10000.0))
+        return self.local_rope_theta if self.local_rope_theta is not None and self.is_sliding(layer) else base
+
     @classmethod
     def from_config(cls, config: dict, exporter: str = "", error: type[ValueError] = UnsupportedModelError
                     ) -> "ModelDescription":
@@ -92,6 +127,11 @@ class ModelDescription:
                         f"{who}: supported are {supported}")
         n_heads = int(config["num_attention_heads"])
         window = config.get("sliding_window") if config.get("use_sliding_window") else None
+        layer_types = tuple(config.get("layer_types") or ())
+        if "sliding_attention" in layer_types:  # Gemma 3: the window applies to the layers typed sliding
+            window = config.get("sliding_window")
+        local_rope = (config.get("rope_parameters") or {}).get("sliding_attention") or {}
+        local_theta = local_rope.get("rope_theta", config.get("rope_local_base_freq"))
         return cls(
             family=family, n_layers=int(config["num_hidden_layers"]), hidden=int(config["hidden_size"]),
             intermediate=int(config.get("intermediate_size") or 0), n_heads=n_heads,
@@ -99,8 +139,18 @@ class ModelDescription:
             head_dim=int(config.get("head_dim") or int(config["hidden_size"]) // n_heads),
             vocab=int(config["vocab_size"]), rms_eps=float(config.get("rms_norm_eps", 1e-6)),
             max_positions=int(config.get("max_position_embeddings") or 2048),
-            tied=bool(config.get("tie_word_embeddings", False)), hidden_act=str(config.get("hidden_act", "silu")),
+            tied=bool(config.get("tie_word_embeddings", False)),
+            hidden_act=str(config.get("hidden_act") or config.get("hidden_activation") or "silu"),
             sliding_window=int(window) if window else None,
             partial_rotary_factor=float(config.get("partial_rotary_factor", 1.0) or 1.0),
             rope=rope_parameters(config), explicit_head_dim=bool(config.get("head_dim")),
+            layer_types=layer_types if window else (),
+            local_rope_theta=float(local_theta) if local_theta is not None and window else None,
+            query_pre_attn_scalar=_optional_float(config.get("query_pre_attn_scalar")),
+            final_logit_softcapping=_optional_float(config.get("final_logit_softcapping")),
+            attn_logit_softcapping=_optional_float(config.get("attn_logit_softcapping")),
         )
+
+
+def _optional_float(value) -> float | None:
+    return None if value is None else float(value)
