@@ -29,7 +29,6 @@ from gguf import GGMLQuantizationType as T
 from formats.gguf_blocks import dequantize_codes, encoder_for
 from formats.gguf_metadata import (
     add_metadata, default_filename, describe_model, extra_tensors, llama_file_type, row_permutation,
-    stored_float_values,
 )
 from formats.gguf_types import (  # noqa: F401 - GGUFExportError, GGUFOptions: the writer's API
     GGUFExportError, GGUFOptions, TensorRecord, choose_tensor_type, parse_tensor_types, parse_type,
@@ -169,7 +168,7 @@ def _encode_tensor(ckpt, hf_name, gguf_name, model: ModelDescription, permute, o
                            q.grid.bits, choice.reason, choice.fallback, choice.lossy, q.group_size)
         return rec, data, choice.ggml_type
     tensor = ckpt.tensors[hf_name]
-    values = stored_float_values(hf_name, tensor.float().numpy(), model)
+    values = model.stored_float_values(hf_name, tensor.float().numpy())
     perm = row_permutation(hf_name, values.shape[0], model, permute)
     if perm is not None:
         values = values[perm]

@@ -57,14 +57,6 @@ def describe_model(config: dict) -> tuple[ModelDescription, gguf.MODEL_ARCH, boo
     return model, arch, model.model_type in _INTERLEAVED_ROPE
 
 
-def stored_float_values(hf_name: str, values: np.ndarray, model: ModelDescription) -> np.ndarray:
-    """The float32 values llama.cpp reads for a float tensor: Gemma's norms hold (1 + w), as convert_hf_to_gguf's
-    Gemma3Model writes them, added in float32 as transformers' Gemma3RMSNorm adds them (so the product is the same)."""
-    if model.family.norm_offset and hf_name.endswith("norm.weight"):
-        return values.astype(np.float32) + np.float32(model.family.norm_offset)
-    return values
-
-
 def _permutation(rows: int, n_head: int) -> np.ndarray:
     """Row order of convert_hf_to_gguf's LlamaModel.permute: per head, interleave the two rotary halves."""
     idx = np.arange(rows)

@@ -9,7 +9,7 @@ import numpy as np
 
 from formats.gguf import tensor_items
 from formats.gguf_blocks import dequantize_codes
-from formats.gguf_metadata import describe_model, row_permutation, stored_float_values
+from formats.gguf_metadata import describe_model, row_permutation
 from formats.protocol import ReadbackMismatch
 from paretoq_export.canonical.checkpoint import open_checkpoint
 
@@ -25,7 +25,7 @@ def expected_tensors(ckpt) -> dict[str, np.ndarray]:
             q = ckpt.quantized[hf_name]
             values = dequantize_codes(q.codes.numpy(), q.scale.numpy(), q.grid)
         else:
-            values = stored_float_values(hf_name, ckpt.tensors[hf_name].float().numpy(), model)
+            values = model.stored_float_values(hf_name, ckpt.tensors[hf_name].float().numpy())
         perm = row_permutation(hf_name, values.shape[0], model, permute)
         out[name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))] = values[perm] if perm is not None else values
     return out

@@ -21,6 +21,7 @@ from formats.onnx_readback import ReadbackMismatch, decode_matmulnbits, verify_o
 from formats.validation import validate_artifact  # noqa: E402
 from paretoq_export.canonical.grids import GRIDS, grid_for_bits  # noqa: E402
 from runtime_tests.onnxruntime_runner import OnnxRuntimeRunner  # noqa: E402
+from tiny_models import TINY_TEXT  # noqa: E402
 
 ALL_BITS = (1, 1.58, 2, 3, 4)
 # MatMulNBits container per grid, (accuracy level, smallest): by default the fastest exact one (integer zero points:
@@ -125,14 +126,17 @@ def _export(ckpt, path, **options):
     return O.export_onnx(ckpt, path, O.OnnxOptions(progress=False, **options))
 
 
-@pytest.mark.parametrize("arch,bits", [(a, b) for a in ("llama", "qwen2") for b in ALL_BITS] + [("qwen3", 2)])
+@pytest.mark.parametrize("arch,bits", [(a, b) for a in ("llama", "qwen2") for b in ALL_BITS] + [("qwen3", 2)]
+                         + [("gemma3", 2), ("gemma3", 4)])
 def test_tiny_level0_exact_and_matches_reference(tmp_path, arch, bits, capsys):
     ckpt = tiny_checkpoint(arch, bits)
     result = _export(ckpt, tmp_path / "m", accuracy_level=0)
     kinds = {r.module: r.container for r in result.records if r.grid is not None}
-    assert len(kinds) == 7 * 2 and set(kinds.values()) == {CONTAINER[0, False][bits]}
-    report = validate_artifact(result.path, ckpt, _ids())
-    assert _bit_exact(report["readback"]) and report["readback"]["matmulnbits"] == 14
+    n_linears = 7 * ckpt.config["num_hidden_layers"]
+    assert len(kinds) == n_linears and set(kinds.values()) == {CONTAINER[0, False][bits]}
+    report = validate_artifact(result.path, ckpt, _ids(), text=TINY_TEXT)
+    assert report["tokenizer"]["equal"], report["tokenizer"]
+    assert _bit_exact(report["readback"]) and report["readback"]["matmulnbits"] == n_linears
     m = report["metrics"]
     with capsys.disabled():
         print(f"\n{arch} {bits}-bit accuracy_level 0: max rel {m['max_rel_diff']:.2e} KL {m['kl_mean']:.2e} "
@@ -143,7 +147,7 @@ def test_tiny_level0_exact_and_matches_reference(tmp_path, arch, bits, capsys):
     assert m["tokens"] == 128
 
 
-@pytest.mark.parametrize("arch,bits", [(a, b) for a in ("llama", "qwen2") for b in ALL_BITS])
+@pytest.mark.parametrize("arch,bits", [(a, b) for a in ("llama", "qwen2") for b in ALL_BITS] + [("gemma3", 2)])
 def test_tiny_default_level4_reported(tmp_path, arch, bits, capsys):
     """The default export: the fastest exact container at accuracy_level 4 (int8 activations), within thresholds."""
     ckpt = tiny_checkpoint(arch, bits)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 class UnsupportedModelError(ValueError):
     """A model no exporter can write; one line naming the problem and what is supported."""
@@ -26,6 +28,7 @@ class Family:
     # pre_feedforward_layernorm the MLP input's), where Llama's post_attention_layernorm is the MLP input's norm
     sandwich_norms: bool = False
     embedding_scaled: bool = False  # the embedding lookup is multiplied by sqrt(hidden) (Gemma)
+    transformers_module: str = ""  # transformers.models.<this> where it is not the model_type (gemma3_text: gemma3)
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
@@ -34,7 +37,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("qwen3", "Qwen3ForCausalLM", "Qwen3", qk_norm=True),
     # interleaved sliding-window / global layers with their own rope bases, GELU-tanh MLP
     Family("gemma3_text", "Gemma3ForCausalLM", "Gemma3", qk_norm=True, norm_offset=1.0, sandwich_norms=True,
-           embedding_scaled=True),
+           embedding_scaled=True, transformers_module="gemma3"),
 )}
 
 
@@ -97,6 +100,12 @@ class ModelDescription:
         return self.family.transformers_prefix
 
     @property
+    def modeling_module(self) -> str:
+        """The transformers module defining the family's classes."""
+        name = self.family.transformers_module or self.model_type
+        return f"transformers.models.{name}.modeling_{name}"
+
+    @property
     def attention_scale(self) -> float:
         return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
@@ -110,6 +119,15 @@ class ModelDescription:
         if not self.sliding_window:
             return False
         return not self.layer_types or self.layer_types[layer] == "sliding_attention"
+
+    def stored_float_values(self, tensor_name: str, values: np.ndarray) -> np.ndarray:
+        """The values a runtime whose RMSNorm multiplies by its stored weight must hold for float tensor
+        ``tensor_name``: Gemma's norms as (1 + w), summed in float32 as transformers' Gemma3RMSNorm sums them (so
+        the factor is the one transformers multiplies by; llama.cpp's converter stores the same); any other tensor
+        as the checkpoint holds it."""
+        if self.family.norm_offset and tensor_name.endswith("norm.weight"):
+            return values.astype(np.float32) + np.float32(self.family.norm_offset)
+        return values
 
     def rope_theta(self, layer: int) -> float:
         base = float(self.rope.get("rope_theta", 10000.0))
