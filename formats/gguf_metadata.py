@@ -36,8 +36,8 @@ _FILE_TYPES = {
 }
 
 
-# llama.cpp architectures named otherwise than the family's model_type
-_LLAMA_CPP_ARCH = {"gemma3_text": gguf.MODEL_ARCH.GEMMA3}
+# families convert_hf_to_gguf writes under another llama.cpp architecture name
+_LLAMA_CPP_ARCH = {"gemma3_text": "gemma3"}
 
 # llama.cpp's gemma3 loader takes every 6th layer as global unless the file carries the pattern (load_swa_pattern)
 _GEMMA3_DEFAULT_SWA_PERIOD = 6
@@ -46,7 +46,7 @@ _GEMMA3_DEFAULT_SWA_PERIOD = 6
 def describe_model(config: dict) -> tuple[ModelDescription, gguf.MODEL_ARCH, bool]:
     """The model, its llama.cpp architecture (named as the family) and whether Q/K rows are permuted."""
     model = ModelDescription.from_config(config, "GGUF", GGUFExportError)
-    arch = _LLAMA_CPP_ARCH.get(model.model_type) or gguf.MODEL_ARCH[model.model_type.upper()]
+    arch = gguf.MODEL_ARCH[_LLAMA_CPP_ARCH.get(model.model_type, model.model_type).upper()]
     if arch == gguf.MODEL_ARCH.GEMMA3:
         # llama.cpp's gemma3 graph scales queries by 1/sqrt(head_dim) and has no attention-score softcapping
         if model.query_pre_attn_scalar is not None and model.query_pre_attn_scalar != model.head_dim:
@@ -201,6 +201,8 @@ def add_metadata(writer, ckpt, model: ModelDescription, options, records, file_t
             writer.add_sliding_window_pattern(sliding)
     if model.final_logit_softcapping:
         writer.add_final_logit_softcapping(float(model.final_logit_softcapping))
+    if writer.arch == gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GEMMA3]:
+        writer.add_add_space_prefix(False)  # as Gemma3Model.set_vocab: SentencePiece without a prepended space
     head_dim = model.head_dim
     if model.model_type == "llama":
         writer.add_vocab_size(model.vocab)
