@@ -129,10 +129,6 @@ class ModelDescription:
             return values.astype(np.float32) + np.float32(self.family.norm_offset)
         return values
 
-    def rope_theta(self, layer: int) -> float:
-        base = float(self.rope.get("rope_theta", 10000.0))
-        return self.local_rope_theta if self.local_rope_theta is not None and self.is_sliding(layer) else base
-
     @classmethod
     def from_config(cls, config: dict, exporter: str = "", error: type[ValueError] = UnsupportedModelError
                     ) -> "ModelDescription":
