@@ -153,7 +153,8 @@ class DecoderGraph:
         normed = self.rms_norm(self.g.op("Reshape", x, shape4), name)
         return self.g.op("Reshape", normed, self.g.int64s([0, 0, heads * self.spec.head_dim], f"{name}/shape3"))
 
-    def _mask(self, input_ids: ir.Value, attention_mask: ir.Value, past_key: ir.Value) -> ir.Value:
+    def _mask(self, input_ids: ir.Value, attention_mask: ir.Value, past_key: ir.Value
+              ) -> tuple[ir.Value, ir.Value | None]:
         """Additive masks [B, 1, S, past + S]: key j visible to query i iff j <= past + i and attention_mask[b, j];
         and the sliding-window layers' mask (None without a window)."""
         g = self.g
@@ -166,15 +167,15 @@ class DecoderGraph:
         causal = g.op("LessOrEqual", k_pos, q_pos)  # [S, T]
         padding = g.op("Unsqueeze", g.op("Cast", attention_mask, to=ir.DataType.BOOL), g.int64s([1, 2], "mask/axes"))
         allowed = g.op("And", causal, padding)  # [B, 1, S, T]
-        additive = g.op("Where", allowed, g.constant(np.array(0.0, np.float32), "mask/open"),
-                        g.constant(np.array(_MASKED, np.float32), "mask/closed"), name="attention_mask/additive")
+        open_, closed = g.constant(np.array(0.0, np.float32), "mask/open"), g.constant(np.array(_MASKED, np.float32),
+                                                                                        "mask/closed")
+        additive = g.op("Where", allowed, open_, closed, name="attention_mask/additive")
         if not self.spec.sliding_window:
             return additive, None
         # sliding layers also hide keys sliding_window or more positions back (transformers' sliding_window_overlay:
         # kv > q - window)
         near = g.op("Greater", k_pos, g.op("Sub", q_pos, g.int64s(self.spec.sliding_window, "mask/window")))
-        sliding = g.op("Where", g.op("And", allowed, near), g.constant(np.array(0.0, np.float32), "mask/open"),
-                       g.constant(np.array(_MASKED, np.float32), "mask/closed"), name="attention_mask/sliding")
+        sliding = g.op("Where", g.op("And", allowed, near), open_, closed, name="attention_mask/sliding")
         return additive, sliding
 
     def _attention(self, x, layer, mask, position_ids, cos, sin, past_k, past_v):
