@@ -81,14 +81,20 @@ class ExecuTorchExportResult:
         return all(self.delegation.count(op)[1] == 0 for op in LINEAR_OPS + QUANT_OPS)
 
 
+def uniform_window(model: ModelDescription) -> int | None:
+    """The sliding window every layer applies (Mistral, Phi-3), which bounds the cache; None where there is none or
+    where layer_types window some layers only (Gemma 3: those layers get an explicit window mask)."""
+    return None if model.layer_types else model.sliding_window
+
+
 def _check_options(ckpt, options: ExecuTorchOptions) -> None:
     model = ModelDescription.from_config(ckpt.config, "ExecuTorch", ExecuTorchExportError)
     if model.rope_type in LENGTH_DEPENDENT_ROPE:  # its frequencies would be traced for one length only
         raise ExecuTorchExportError(f"rope type {model.rope_type!r} is not supported by the ExecuTorch exporter "
                                     "(its frequencies change with the sequence length)")
-    if model.sliding_window and int(options.max_seq_len) > model.sliding_window:
+    if uniform_window(model) and int(options.max_seq_len) > model.sliding_window:
         # ExecuTorch's custom_sdpa attends causally over the whole cache: within a cache no longer than the
-        # window, that is exactly the sliding-window attention
+        # window, that is exactly the sliding-window attention (per-layer windows get an explicit mask instead)
         raise ExecuTorchExportError(f"--max-seq-len {options.max_seq_len} exceeds the model's {model.sliding_window}"
                                     f"-token sliding window, which ExecuTorch's attention kernel does not apply: "
                                     f"choose --max-seq-len {model.sliding_window} or less")
@@ -176,7 +182,7 @@ def export_executorch(checkpoint, output: str | os.PathLike | None = None,
     t0 = time.perf_counter()
     ckpt, ckpt_path = open_checkpoint(checkpoint)
     if options.max_seq_len is None:
-        window = ModelDescription.from_config(ckpt.config, "ExecuTorch", ExecuTorchExportError).sliding_window
+        window = uniform_window(ModelDescription.from_config(ckpt.config, "ExecuTorch", ExecuTorchExportError))
         options = dataclasses.replace(options, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, _max_positions(ckpt),
                                                                window or DEFAULT_MAX_SEQ_LEN))
     _check_options(ckpt, options)

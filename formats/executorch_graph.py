@@ -23,14 +23,25 @@ from torch import nn
 from paretoq_export.canonical.model_description import ModelDescription
 
 
+def _mean_square(x: torch.Tensor) -> torch.Tensor:
+    """mean(x^2) over the last dim, keepdim, as a 4-D average pooling."""
+    sq = x.pow(2).reshape(1, -1, x.shape[-1], 1)
+    return sq.mean(dim=(2, 3), keepdim=True).reshape(*x.shape[:-1], 1)
+
+
 def _rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """transformers' LlamaRMSNorm / Qwen2RMSNorm / Qwen3RMSNorm forward with the mean as a 4-D pooling."""
     dtype = hidden_states.dtype
     x = hidden_states.to(torch.float32)
-    sq = x.pow(2).reshape(1, -1, x.shape[-1], 1)
-    variance = sq.mean(dim=(2, 3), keepdim=True).reshape(*x.shape[:-1], 1)
-    x = x * torch.rsqrt(variance + self.variance_epsilon)
+    x = x * torch.rsqrt(_mean_square(x) + self.variance_epsilon)
     return self.weight * x.to(dtype)
+
+
+def _offset_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """transformers' Gemma3RMSNorm forward ((1 + weight) in float32) with the mean as a 4-D pooling."""
+    x = hidden_states.float()
+    x = x * torch.rsqrt(_mean_square(x) + self.eps)
+    return (x * (1.0 + self.weight.float())).type_as(hidden_states)
 
 
 def _rotation(dim: int) -> torch.Tensor:
@@ -53,12 +64,18 @@ def _rotate_half_by(model: nn.Module):
 
 @contextlib.contextmanager
 def xnnpack_friendly(model: nn.Module) -> Iterator[None]:
-    """While exporting: RMSNorm modules use ``_rms_norm`` and the model's modeling module rotates with a linear."""
-    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon")]
+    """While exporting: RMSNorm modules use ``_rms_norm`` (``_offset_rms_norm`` for Gemma's (1 + w) norms) and the
+    model's modeling module rotates with a linear."""
+    from paretoq_export.canonical.model_description import ModelDescription
+
+    offset = ModelDescription.from_config(model.config.to_dict()).family.norm_offset
+    forward = _offset_rms_norm if offset else _rms_norm
+    epsilon = "eps" if offset else "variance_epsilon"
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm") and hasattr(m, epsilon)]
     modeling = sys.modules[type(model).__module__]
     original = getattr(modeling, "rotate_half", None)
     for m in norms:
-        m.forward = types.MethodType(_rms_norm, m)
+        m.forward = types.MethodType(forward, m)
     if original is not None:
         # rotate_half sees the rotated part of each head only: rotary_dim (Phi-4-mini's partial rotary), not head_dim
         rotary_dim = ModelDescription.from_config(model.config.to_dict()).rotary_dim

@@ -46,8 +46,25 @@ def _kv_attention(module, query, key, value, attention_mask, scaling=None, dropo
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, T, heads, head_dim] as the ops take them
     torch.ops.llama.update_cache(k, module.et_k_cache, start_pos)
     torch.ops.llama.update_cache(v, module.et_v_cache, start_pos)
-    out = torch.ops.llama.custom_sdpa(q, module.et_k_cache, module.et_v_cache, start_pos, None, 0.0, True, scaling)
+    window = kwargs.get("sliding_window")  # transformers passes it to the sliding layers (Gemma 3)
+    if window:
+        mask = _sliding_window_mask(start_pos, q.shape[1], module.et_k_cache.shape[1], int(window))
+        out = torch.ops.llama.custom_sdpa(q, module.et_k_cache, module.et_v_cache, start_pos, mask, 0.0, False,
+                                          scaling)
+    else:
+        out = torch.ops.llama.custom_sdpa(q, module.et_k_cache, module.et_v_cache, start_pos, None, 0.0, True,
+                                          scaling)
     return out, None
+
+
+def _sliding_window_mask(start_pos, seq_len: int, cache_len: int, window: int) -> torch.Tensor:
+    """Additive mask [T, cache_len] for custom_sdpa: query start_pos + i sees key j iff j <= start_pos + i and
+    j > start_pos + i - window (transformers' sliding_window_overlay). With a mask the kernel reads every cache
+    position (masked ones included), so these layers cost a full-cache attention."""
+    q_pos = (torch.arange(seq_len) + start_pos)[:, None]
+    k_pos = torch.arange(cache_len)[None, :]
+    visible = (k_pos <= q_pos) & (k_pos > q_pos - window)
+    return torch.where(visible, torch.tensor(0.0), torch.tensor(float("-inf")))
 
 
 def _no_mask(*args, **kwargs):
@@ -74,6 +91,8 @@ class LLMForward(nn.Module):
         if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
             raise ValueError("sliding-window attention is not supported by the ExecuTorch exporter: disable "
                              "use_sliding_window in the config")
+        if getattr(config, "attn_logit_softcapping", None):  # custom_sdpa has no score softcapping
+            raise ValueError("attn_logit_softcapping is not supported by the ExecuTorch exporter")
         model.config._attn_implementation = ATTN_IMPL
         n_kv = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)

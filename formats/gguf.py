@@ -168,7 +168,7 @@ def _encode_tensor(ckpt, hf_name, gguf_name, model: ModelDescription, permute, o
                            q.grid.bits, choice.reason, choice.fallback, choice.lossy, q.group_size)
         return rec, data, choice.ggml_type
     tensor = ckpt.tensors[hf_name]
-    values = tensor.float().numpy()
+    values = model.stored_float_values(hf_name, tensor.float().numpy())
     perm = row_permutation(hf_name, values.shape[0], model, permute)
     if perm is not None:
         values = values[perm]

@@ -31,7 +31,7 @@ QUANTIZED_BY = "paretoq-export"
 _INTERLEAVED_ROPE = {"llama"}
 
 # families convert_hf_to_gguf writes under another llama.cpp architecture (Mistral is a Llama there)
-_LLAMA_CPP_ARCH = {"mistral": "llama"}
+_LLAMA_CPP_ARCH = {"mistral": "llama", "gemma3_text": "gemma3"}
 
 
 _FILE_TYPES = {
@@ -42,10 +42,21 @@ _FILE_TYPES = {
 }
 
 
+# llama.cpp's gemma3 loader takes every 6th layer as global unless the file carries the pattern (load_swa_pattern)
+_GEMMA3_DEFAULT_SWA_PERIOD = 6
+
+
 def describe_model(config: dict) -> tuple[ModelDescription, gguf.MODEL_ARCH, bool]:
     """The model, its llama.cpp architecture (named as the family) and whether Q/K rows are permuted."""
     model = ModelDescription.from_config(config, "GGUF", GGUFExportError)
     arch = _LLAMA_CPP_ARCH.get(model.model_type, model.model_type)
+    if arch == "gemma3":
+        # llama.cpp's gemma3 graph scales queries by 1/sqrt(head_dim) and has no attention-score softcapping
+        if model.query_pre_attn_scalar is not None and model.query_pre_attn_scalar != model.head_dim:
+            raise GGUFExportError(f"query_pre_attn_scalar {model.query_pre_attn_scalar:g} differs from head_dim "
+                                  f"{model.head_dim}: llama.cpp's gemma3 scales attention by 1/sqrt(head_dim)")
+        if model.attn_logit_softcapping is not None:
+            raise GGUFExportError("attn_logit_softcapping is not supported by llama.cpp's gemma3 architecture")
     return model, gguf.MODEL_ARCH[arch.upper()], arch in _INTERLEAVED_ROPE
 
 
@@ -147,8 +158,9 @@ def extra_tensors(model: ModelDescription, name_map) -> list[tuple[str, np.ndarr
 
 def _warn_full_attention(model: ModelDescription, arch: str) -> None:
     """llama.cpp's llama and phi3 graphs attend over the whole context (phi3 turns its window off at load): the
-    file equals the model on contexts up to the window, which is what convert_hf_to_gguf writes too."""
-    if model.sliding_window and model.sliding_window < model.max_positions:
+    file equals the model on contexts up to the window, which is what convert_hf_to_gguf writes too (gemma3 windows
+    its sliding layers itself)."""
+    if arch in ("llama", "phi3") and model.sliding_window and model.sliding_window < model.max_positions:
         log.warning("%s has a %d-token sliding window; llama.cpp's %s attends over the whole context, so the GGUF "
                     "matches the model on contexts up to %d tokens (as convert_hf_to_gguf's files do)",
                     model.family.hf_class, model.sliding_window, arch, model.sliding_window)
@@ -212,6 +224,18 @@ def add_metadata(writer, ckpt, model: ModelDescription, options, records, file_t
     elif rope_type not in ("default", "llama3"):
         raise GGUFExportError(f"rope type {rope_type!r} is not supported by the GGUF exporter (default, linear, "
                               "yarn, llama3, longrope for Phi-3)")
+    if model.local_rope_theta is not None:  # as convert_hf_to_gguf's TextModel: rope_parameters["sliding_attention"]
+        writer.add_rope_freq_base_swa(float(model.local_rope_theta))
+    if model.sliding_window and model.layer_types:
+        writer.add_sliding_window(int(model.sliding_window))
+        sliding = [model.is_sliding(i) for i in range(model.n_layers)]
+        default = [i % _GEMMA3_DEFAULT_SWA_PERIOD < _GEMMA3_DEFAULT_SWA_PERIOD - 1 for i in range(model.n_layers)]
+        if sliding != default:  # the converter writes none (its models follow the default); others need the layers
+            writer.add_sliding_window_pattern(sliding)
+    if model.final_logit_softcapping:
+        writer.add_final_logit_softcapping(float(model.final_logit_softcapping))
+    if writer.arch == gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GEMMA3]:
+        writer.add_add_space_prefix(False)  # as Gemma3Model.set_vocab: SentencePiece without a prepended space
     head_dim = model.head_dim
     arch = writer.arch
     if arch == "llama":

@@ -15,7 +15,8 @@ from paretoq_export.canonical.checkpoint import open_checkpoint
 
 
 def expected_tensors(ckpt) -> dict[str, np.ndarray]:
-    """GGUF name -> float32 values the file must hold: the checkpoint's dequantized tensors, Q/K rows permuted."""
+    """GGUF name -> float32 values the file must hold: the checkpoint's dequantized tensors, Q/K rows permuted,
+    Gemma's norms as (1 + w)."""
     model, arch, permute = describe_model(ckpt.config)
     name_map = gguf.get_tensor_name_map(arch, model.n_layers)
     out = {}
@@ -24,7 +25,7 @@ def expected_tensors(ckpt) -> dict[str, np.ndarray]:
             q = ckpt.quantized[hf_name]
             values = dequantize_codes(q.codes.numpy(), q.scale.numpy(), q.grid)
         else:
-            values = ckpt.tensors[hf_name].float().numpy()
+            values = model.stored_float_values(hf_name, ckpt.tensors[hf_name].float().numpy())
         perm = row_permutation(hf_name, values.shape[0], model, permute)
         out[name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))] = values[perm] if perm is not None else values
     return out

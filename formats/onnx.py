@@ -276,11 +276,14 @@ def export_onnx(checkpoint, output: str | os.PathLike | None = None,
     disable = None if options.progress is None else not options.progress
     tensor = _tensor_source(ckpt)
     linears = _Linears(ckpt, options, tensor)
-    cos, sin = rotary_tables(ckpt.config, spec)
+    # Gemma 3: the sliding-window layers rotate with their own rope base, from their own table
+    per_type = spec.local_rope_theta is not None
+    cos, sin = rotary_tables(ckpt.config, spec, "full_attention" if per_type else None)
+    sliding_rotary = rotary_tables(ckpt.config, spec, "sliding_attention") if per_type else None
     try:
         builder = DecoderGraph(spec, cos, sin, tensor, linears, progress=lambda it, **kw: tqdm(it, disable=disable,
                                                                                                  **kw),
-                               embedding=linears.embedding)
+                               embedding=linears.embedding, sliding_rotary=sliding_rotary)
         model = builder.build()
     except NBitsError as exc:
         raise OnnxExportError(str(exc)) from None

@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from formats.onnx import EMBED, MODEL_FILE, quantized_weight
-from formats.onnx_graph import IR_VERSION, MS_DOMAIN, OPSET
+from formats.onnx_graph import IR_VERSION, MS_DOMAIN, OPSET, describe_model
 from formats.protocol import ReadbackMismatch
 from paretoq_export.canonical.checkpoint import open_checkpoint
 
@@ -89,7 +89,8 @@ def _initializer_values(model: ir.Model) -> dict[str, np.ndarray]:
 
 
 def _expected_floats(ckpt) -> dict[str, np.ndarray]:
-    return {k: v.float().numpy() for k, v in ckpt.tensors.items() if v.is_floating_point()}
+    spec = describe_model(ckpt.config)
+    return {k: spec.stored_float_values(k, v.float().numpy()) for k, v in ckpt.tensors.items() if v.is_floating_point()}
 
 
 def _first_difference(name: str, got: np.ndarray, want: np.ndarray) -> str:

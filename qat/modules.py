@@ -157,14 +157,19 @@ class QuantEmbedding(_GroupedQuant, nn.Embedding):
         if grid_for_bits(bits).method != "lsq":
             raise ValueError(f"embeddings take 4 or 8 bits, not {bits}")
         module._init_quant(bits, alpha_init, group_size)
-        # keep any subclass behaviour (e.g. Gemma's scaled embedding) out of scope: plain lookup only
+        # Gemma's scaled embedding multiplies the lookup by sqrt(hidden): the factor stays (not a weight: never
+        # quantized or saved, as in Gemma3TextScaledWordEmbedding)
+        if getattr(emb, "embed_scale", None) is not None:
+            module.register_buffer("embed_scale", emb.embed_scale.detach().clone(), persistent=False)
         return module
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         weight = self._fused_weight() if self.fused else self.quantized_weight()
         weight = blended(self.weight, weight, self.blend)
-        return F.embedding(ids, weight, self.padding_idx, self.max_norm, self.norm_type,
-                           self.scale_grad_by_freq, self.sparse)
+        out = F.embedding(ids, weight, self.padding_idx, self.max_norm, self.norm_type,
+                          self.scale_grad_by_freq, self.sparse)
+        scale = getattr(self, "embed_scale", None)
+        return out if scale is None else out * scale.to(out.dtype)  # in the table's dtype, as transformers does
 
     def extra_repr(self) -> str:
         return f"{nn.Embedding.extra_repr(self)}, {self._quant_repr()}"

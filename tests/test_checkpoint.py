@@ -225,3 +225,18 @@ def test_from_float_model_keeps_the_unquantized_model():
     assert ckpt.recipe["method"] == "float"
     with pytest.raises(CheckpointError, match="from_qat_model"):
         QATCheckpoint.from_float_model(prepare(tiny_model("llama"), QATConfig(bits=2)))
+
+
+def test_gemma3_qat_model_with_quantized_table_equals_its_reference(tmp_path):
+    """Gemma 3's embedding multiplies its lookup by sqrt(hidden): the QAT model's quantized table keeps that factor,
+    and the reference rebuilt from the checkpoint (embed_scale and both rotary tables restored) computes the same."""
+    from qat.prepare import QATConfig, prepare
+    from tiny_models import tiny_model
+
+    model = prepare(tiny_model("gemma3"), QATConfig(bits=4, embedding_bits=8))
+    ckpt = QATCheckpoint.from_qat_model(model, float_dtype="float32")
+    ckpt.save(tmp_path / "ck")
+    ref = QuantizedCheckpoint.load(tmp_path / "ck").build_reference_model()
+    x = torch.randint(0, 320, (1, 40))  # longer than the sliding window (16)
+    with torch.no_grad():
+        assert (ref(x).logits - model(x).logits).abs().max() < 5e-2  # only the fp16 rounding of the steps

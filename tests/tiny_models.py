@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
+                          Qwen3Config)
 
 VOCAB = 320
 RANDOM_NORMS = ("mistral", "phi3")  # the families added later are tested with random norms from the start
@@ -27,6 +28,18 @@ def tiny_config(arch: str = "llama", hidden: int = 256, intermediate: int = 512,
     if arch == "phi3":  # Phi-4-mini's shape: fused projections, 3/4 of each head rotated, tied embeddings
         return Phi3Config(tie_word_embeddings=common.pop("tie_word_embeddings", True),
                           partial_rotary_factor=common.pop("partial_rotary_factor", 0.75), **common)
+    if arch == "gemma3":
+        # head_dim != hidden / heads; a window shorter than the test texts and a sliding/global mix that is not
+        # llama.cpp's default (every 6th layer global), each with its own rope base; a wider init than the default
+        # 0.02 gives logits clear margins over the int8-activation noise of XNNPACK (decode vs prefill kernels)
+        common["num_hidden_layers"] = kw.get("num_hidden_layers", max(layers, 3))
+        layer_types = (["sliding_attention", "full_attention", "sliding_attention"] * 4)[:common["num_hidden_layers"]]
+        return Gemma3TextConfig(
+            tie_word_embeddings=common.pop("tie_word_embeddings", True), head_dim=128, query_pre_attn_scalar=128,
+            sliding_window=16, initializer_range=0.1, layer_types=layer_types,
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+            **common)
     raise ValueError(arch)
 
 
@@ -38,6 +51,8 @@ def tiny_model(arch: str = "llama", seed: int = 0, **kw):
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.05)
+            elif arch == "gemma3" and name.endswith("norm.weight"):  # Gemma's (1 + w) norms start at w = 0
+                p.normal_(0, 0.3)
             elif "norm" in name and arch in RANDOM_NORMS:
                 p.normal_(1, 0.1)
     return model

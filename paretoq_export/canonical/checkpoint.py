@@ -361,6 +361,9 @@ def _rebuild_buffer(model: nn.Module, module_name: str, module: nn.Module, buf_n
             if hasattr(fresh, attr):
                 setattr(module, attr, getattr(fresh, attr))
         return
+    if buf_name == "embed_scale" and hasattr(module, "scalar_embed_scale"):  # Gemma's sqrt(hidden) embedding factor
+        module.register_buffer(buf_name, torch.tensor(module.scalar_embed_scale), persistent=False)
+        return
     raise CheckpointError(f"cannot rebuild buffer {module_name}.{buf_name} of {type(module).__name__}")
 
 

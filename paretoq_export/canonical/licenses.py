@@ -3,7 +3,8 @@ and GGUF's general.license fall back to it for checkpoints made before the recip
 
 from __future__ import annotations
 
-KNOWN_LICENSES = {"huggingfacetb/smollm2": "apache-2.0", "qwen/qwen3": "apache-2.0", "qwen/qwen2.5-0.5b": "apache-2.0"}
+KNOWN_LICENSES = {"huggingfacetb/smollm2": "apache-2.0", "qwen/qwen3": "apache-2.0", "qwen/qwen2.5-0.5b": "apache-2.0",
+                  "google/gemma-3": "gemma"}
 
 
 def known_license(base_model: str | None) -> str | None:
