@@ -157,10 +157,10 @@ def extra_tensors(model: ModelDescription, name_map) -> list[tuple[str, np.ndarr
 
 
 def _warn_full_attention(model: ModelDescription, arch: str) -> None:
-    """llama.cpp's llama and phi3 graphs attend over the whole context (phi3 turns its window off at load): the
-    file equals the model on contexts up to the window, which is what convert_hf_to_gguf writes too (gemma3 windows
-    its sliding layers itself)."""
-    if arch in ("llama", "phi3") and model.sliding_window and model.sliding_window < model.max_positions:
+    """llama.cpp's llama, qwen2/3 and phi3 graphs attend over the whole context (phi3 turns its window off at
+    load): the file equals the model on contexts up to the window, which is what convert_hf_to_gguf writes too
+    (gemma3 windows its sliding layers itself)."""
+    if arch != "gemma3" and model.sliding_window and model.sliding_window < model.max_positions:
         log.warning("%s has a %d-token sliding window; llama.cpp's %s attends over the whole context, so the GGUF "
                     "matches the model on contexts up to %d tokens (as convert_hf_to_gguf's files do)",
                     model.family.hf_class, model.sliding_window, arch, model.sliding_window)
