@@ -117,6 +117,10 @@ class ParetoConfig:
                 out.append(value)
         return out
 
+    def trained_here(self) -> list[float]:
+        """The quantized widths this sweep trains (not the float model, not a given --checkpoint)."""
+        return [b for b in self.bit_widths() if b != FLOAT_BITS and b not in self.checkpoints]
+
     def steps_for(self, bits: float) -> int:
         """Optimizer steps of one bit-width: 0 for the float model and for RTN."""
         if bits == FLOAT_BITS or self.method == "rtn":
@@ -397,8 +401,7 @@ class ParetoRun:
             cells.append(self.baseline_cell(fmt, kind) if kind else self.cell(bits, fmt))
         write_json_atomic(self.out / "pareto.json", {"config": _jsonable_config(c), "cells": cells})
         write_markdown(cells, self.out / "pareto.md", c)
-        trained_here = [b for b in c.bit_widths() if b != FLOAT_BITS and b not in c.checkpoints]
-        how = f"{c.method}, budget {c.budget}" if trained_here else "checkpoints trained elsewhere"
+        how = f"{c.method}, budget {c.budget}" if c.trained_here() else "checkpoints trained elsewhere"
         plot_pareto(cells, self.out, f"{Path(c.model).name if c.model else 'SmolLM2-135M'}: {how}, {c.threads} threads")
         return cells
 
@@ -458,9 +461,8 @@ def training_summary(config: ParetoConfig) -> str:
     """How the sweep's checkpoints were made: the training settings for the widths trained here, and which widths
     came from given checkpoints (whose own recipe is in their cells)."""
     given = ", ".join(f"{label(b)} from {Path(f).name}" for b, f in sorted(config.checkpoints.items()))
-    trained_here = [b for b in config.bit_widths() if b != FLOAT_BITS and b not in config.checkpoints]
     parts = []
-    if trained_here:
+    if config.trained_here():
         parts.append(f"method {config.method}, budget {config.budget} (<=2-bit: {config.steps_for(2)} steps, 3/4-bit: "
                      f"{config.steps_for(3)} steps; batch {config.batch_size} x {config.block_size} tokens, recipe "
                      f"{config.recipe}, lr {config.lr or 'of the recipe'})")
