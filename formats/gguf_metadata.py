@@ -136,7 +136,7 @@ def extra_tensors(model: ModelDescription, name_map) -> list[tuple[str, np.ndarr
         return [(gguf.TENSOR_NAMES[kind] + ".weight", np.array(rope[key], dtype=np.float32), T.F32)
                 for kind, key in ((gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, "long_factor"),
                                   (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, "short_factor"))]
-    if model.model_type != "llama" or str(rope.get("rope_type", "")).lower() != "llama3":
+    if model.model_type != "llama" or model.rope_type != "llama3":
         return []
     base, dim = rope.get("rope_theta", 10000.0), model.head_dim  # as convert_hf_to_gguf generate_extra_tensors
     freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
@@ -211,7 +211,7 @@ def add_metadata(writer, ckpt, model: ModelDescription, options, records, file_t
     writer.add_layer_norm_rms_eps(model.rms_eps)
     rope = model.rope
     writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
-    rope_type, factor = str(rope.get("rope_type") or "default").lower(), rope.get("factor")
+    rope_type, factor = model.rope_type, rope.get("factor")
     if rope_type == "linear" and factor:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(factor))

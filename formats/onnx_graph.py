@@ -20,7 +20,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
-from paretoq_export.canonical.model_description import ModelDescription, UnsupportedModelError  # noqa: F401
+from paretoq_export.canonical.model_description import (  # noqa: F401
+    LENGTH_DEPENDENT_ROPE, ModelDescription, UnsupportedModelError)
 
 OPSET = 23  # Attention, RotaryEmbedding, RMSNormalization
 IR_VERSION = 11
@@ -53,7 +54,7 @@ def rotary_tables(config: dict, spec: ModelDescription, layer_type: str | None =
     module = importlib.import_module(spec.modeling_module)
     rotary = getattr(module, f"{spec.transformers_prefix}RotaryEmbedding")(config=AutoConfig.for_model(**config))
     rope_type = str(getattr(rotary, "rope_type", "default"))
-    if rope_type in ("dynamic", "longrope"):  # these rescale inv_freq with the sequence length at run time
+    if rope_type in LENGTH_DEPENDENT_ROPE:  # these rescale inv_freq with the sequence length at run time
         raise UnsupportedModelError(f"rope type {rope_type!r} is not supported by the ONNX exporter")
     prefix = f"{layer_type}_" if layer_type else ""
     inv_freq = getattr(rotary, f"{prefix}inv_freq").float()
