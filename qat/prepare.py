@@ -8,15 +8,15 @@ from typing import Any, Callable
 
 from torch import nn
 
+from paretoq_export.canonical.model_description import DECODER_LINEAR_NAMES
 from qat.grids import EMBEDDING_BITS, WEIGHT_BITS, format_bits, parse_bits
 from qat.modules import GROUP_SIZES, QUANT_MODULES, QuantEmbedding, QuantLinear, check_group_size
 from qat.quantizers import ALPHA_INITS
 from qat.targets import format_stored_bits, stored_bits
 
-# separate projections (Llama, Qwen, Mistral) and the fused ones of Phi-3 (qkv_proj, gate_up_proj): a fused weight is
-# quantized per row like any other, each row keeping its own step, so splitting it later is exact
-DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
-                   "gate_up_proj")
+# separate projections (Llama, Qwen, Mistral, Gemma) and the fused ones of Phi-3 (qkv_proj, gate_up_proj), from the
+# one model description the exporters read
+DECODER_LINEARS = DECODER_LINEAR_NAMES
 
 
 @dataclass

@@ -52,6 +52,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
 _SEPARATE_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _FUSED_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+# their module names, as QAT's prepare matches decoder linears: a fused weight is quantized per row like any other,
+# each row keeping its own step, so splitting it later is exact
+DECODER_LINEAR_NAMES = tuple(dict.fromkeys(path.rsplit(".", 1)[-1] for path in _SEPARATE_LINEARS + _FUSED_LINEARS))
 
 
 # rope types whose frequencies change with the sequence length at run time (Phi-3 128k's longrope): no fixed table
