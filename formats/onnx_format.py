@@ -150,6 +150,13 @@ class OnnxFormat(ExportFormat):
         meta = {p.key: p.value for p in onnx.load(path / MODEL_FILE, load_external_data=False).metadata_props}
         return {"runtime": self.runtime, "accuracy_level": int(meta.get("paretoq.accuracy_level", -1))}
 
+    def exact_alternative(self, runtime_info: dict) -> str | None:
+        level = runtime_info.get("accuracy_level", 0)
+        if level > 0:  # int8 activations: not the checkpoint's math
+            return (f"re-export with --accuracy-level 0 (float activations, exact; accuracy_level {level} quantizes "
+                    "activations to int8)")
+        return None
+
     def extra_checks(self, path: Path, checkpoint, runner, token_ids: list[int], reference, **options) -> dict:
         """Greedy generation with the KV cache equals generation without it, token for token."""
         prompt, new_tokens = token_ids[:16], 16

@@ -179,6 +179,11 @@ class ExportFormat(ABC):
     def runtime_info(self, path: Path, runner) -> dict:
         return {"runtime": self.runtime}
 
+    def exact_alternative(self, runtime_info: dict) -> str | None:
+        """When a validation fails: the export option that runs the checkpoint's exact math where this file took a
+        faster, approximate path (``runtime_info`` as runtime_info gave it), or None."""
+        return None
+
     def extra_checks(self, path: Path, checkpoint, runner, token_ids: list[int], reference, **options) -> dict:
         """Format-specific runtime checks beyond the logits (KV cache vs recompute ...), into the report's
         "checks" (``reference``: the PyTorch logits [T, V] of ``token_ids``); a failed check is reported, not

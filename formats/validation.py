@@ -229,10 +229,8 @@ def verdict_line(report: dict) -> str:
     v = report["verdict"]
     if v["passed"]:
         return "validation passed"
-    exact_option = ""
-    if (report.get("runtime") or {}).get("accuracy_level", 0) > 0:  # int8 activations: not the checkpoint's math
-        exact_option = (f", or re-export with --accuracy-level 0 (float activations, exact; accuracy_level "
-                        f"{report['runtime']['accuracy_level']} quantizes activations to int8)")
+    alternative = format_named(report["format"]).exact_alternative(report.get("runtime") or {})
+    exact_option = f", or {alternative}" if alternative else ""
     return (f"validation failed: {'; '.join(v['failures'])} (the artifact does not behave like the checkpoint's "
             "model: check that it was exported from this checkpoint, or loosen --max-kl / --min-top1 / "
             f"--max-ppl-ratio for a lossy export{exact_option})")

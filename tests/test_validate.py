@@ -227,7 +227,8 @@ def test_failed_onnx_verdict_at_int8_activations_suggests_the_exact_level():
     from formats.validation import judge, thresholds_for, verdict_line
 
     bad = {"metrics": {"kl_mean": 0.4, "top1_clear_margin": 0.7, "top1": 0.6, "ppl_ratio": 1.2}, "checks": {}}
-    at_level = {level: {**bad, "runtime": {"runtime": "onnxruntime", "accuracy_level": level}} for level in (0, 4)}
+    at_level = {level: {**bad, "format": "onnx", "runtime": {"runtime": "onnxruntime", "accuracy_level": level}}
+                for level in (0, 4)}
     for report in at_level.values():
         report["verdict"] = judge(report, thresholds_for("onnx"))
     assert "--accuracy-level 0" in verdict_line(at_level[4])
