@@ -16,14 +16,10 @@ import time
 from pathlib import Path
 
 from formats.baselines import runtime_perplexity
+from formats.registry import detect_artifact
 from paretoq_export.canonical.atomic import write_text_atomic
 from paretoq_export.model_source import load_model
 from qat.data import DataConfig, build_heldout
-
-
-def artifact_bytes(path: Path) -> int:
-    """A file's size, or every file's in an artifact folder (ONNX with external data, ...)."""
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def main() -> None:
@@ -42,8 +38,10 @@ def main() -> None:
     for path in args.files:
         started = time.time()
         ppl = runtime_perplexity(path, blocks, threads=args.threads)
-        rows.append({"file": str(path), "bytes": artifact_bytes(Path(path)), "runtime_ppl": ppl, "ratio": ppl / (rows[0]["runtime_ppl"] if rows else ppl),
-                     "seconds": round(time.time() - started, 1)})
+        fmt, resolved = detect_artifact(path)
+        first = rows[0]["runtime_ppl"] if rows else ppl
+        rows.append({"file": str(path), "bytes": fmt.artifact_bytes(resolved), "runtime_ppl": ppl,
+                     "ratio": ppl / first, "seconds": round(time.time() - started, 1)})
         print(f"{Path(path).name:<40} {rows[-1]['bytes'] / 2**20:8.1f} MiB  PPL {ppl:8.3f}  x{rows[-1]['ratio']:.4f}",
               flush=True)
     result = {"meta": {"date": time.strftime("%Y-%m-%d"), "data": args.data, "blocks": len(blocks),
