@@ -19,7 +19,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from qat.grids import format_bits, parse_bits
 from qat.parq import PARQConfig, parq_checkpoint, train_parq
 from qat.prepare import QATConfig, prepare
 from qat.recipe import recipe
-from qat.trainer import TrainConfig, train
+from qat.trainer import TrainConfig, request_deterministic_cublas, train
 
 _FLOATS = ("anneal_frac", "alpha_lr_scale", "distill_weight", "lr")
 _INTS = ("steps", "seed", "group", "emb")
@@ -199,8 +198,8 @@ def main() -> None:
         args.train_extra = {"eval_every": args.eval_every}
         if "keep_best" in TrainConfig.__dataclass_fields__:
             args.train_extra["keep_best"] = True
-    if args.deterministic:  # cuBLAS reads its workspace setting when CUDA starts: before any tensor reaches the GPU
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if args.deterministic:  # before any tensor reaches the GPU
+        request_deterministic_cublas()
         args.train_extra["deterministic"] = True
     if args.plot_only:
         results = json.loads(Path(args.plot_only).read_text())

@@ -93,7 +93,7 @@ class TrainConfig:
     # CUBLAS_WORKSPACE_CONFIG=:4096:8 (cuBLAS reads it when CUDA starts: export it before launching; the trainer
     # sets it when unset and warns when CUDA was already running). Two identical runs then write identical
     # checkpoints. The fused fake-quant needs nothing more: its per-row alpha reductions have a fixed order.
-    # Cost on CUDA: not measured yet.
+    # Cost on one H200 (SmolLM2 2-bit, default recipe): ~1.6x the training time (docs/BENCHMARKS.md).
     deterministic: bool = False
 
     def __post_init__(self) -> None:
@@ -390,6 +390,15 @@ def train(model: nn.Module, train_blocks: torch.Tensor, heldout_blocks: torch.Te
                 dist.destroy_process_group()
 
 
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"  # a cuBLAS workspace setting under which its kernels are deterministic
+
+
+def request_deterministic_cublas() -> None:
+    """Ask cuBLAS for deterministic kernels (unless the environment already chose a workspace). cuBLAS reads the
+    setting when CUDA starts: call this before any model or tensor reaches the GPU."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+
+
 @contextmanager
 def _deterministic(on: bool):
     """torch's deterministic mode for the run (TrainConfig.deterministic), the previous settings restored after."""
@@ -399,8 +408,9 @@ def _deterministic(on: bool):
     if "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             tqdm.write("warning: deterministic training, but CUDA started before CUBLAS_WORKSPACE_CONFIG was set: "
-                       "export CUBLAS_WORKSPACE_CONFIG=:4096:8 before launching for deterministic cuBLAS")
-        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+                       f"export CUBLAS_WORKSPACE_CONFIG={CUBLAS_DETERMINISTIC_WORKSPACE} before launching for "
+                       "deterministic cuBLAS")
+        request_deterministic_cublas()
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
               torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     torch.use_deterministic_algorithms(True)

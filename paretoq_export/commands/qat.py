@@ -90,9 +90,9 @@ def train_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     if args.deterministic:  # cuBLAS reads it when CUDA starts: before any model or tensor reaches the GPU
-        import os
+        from qat.trainer import request_deterministic_cublas
 
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        request_deterministic_cublas()
     from paretoq_export.pipeline import run_qat
     from qat.recipe import apply_recipe
 
