@@ -17,16 +17,27 @@ Block layouts follow ggml-common.h / gguf-py quants.py (vendored llama.cpp of ll
     Q2_K  [scales 16: (m<<4)|sc][qs 64: as TQ2_0][d f16][dmin f16]                       y = d*sc*q - dmin*m
     Q3_K  [hmask 32: bit b of byte l = x[b*32+l] >= 0][qs 64: low 2 bits as Q2_K][scales 12: 6-bit][d f16]
                                                                                          y = d*(sc-32)*q, q in -4..3
+    Q2_0  [d f16][qs 16: x[j] at bits 2*(j%4) of byte j/4], block 64                     y = d*(t-1)
+    Q1_0  [d f16][qs 16: x[j] at bit j%8 of byte j/8], block 128                         y = bit ? d : -d
+
+gguf-py (0.19) has no dequantizer for Q2_0 and Q1_0, so their decoders are ours (ggml-quants.c
+dequantize_row_q2_0 / q1_0, in numpy); nor has it the type Q2_0 at all, whose id comes from the installed llama.cpp
+(runtime_tests.llamacpp_types).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Union
 
+import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from paretoq_export.canonical.grids import Grid, integer_form
+from runtime_tests import llamacpp_types
+from runtime_tests.llamacpp_types import LlamaCppOnlyType
+
+GGMLType = Union[GGMLQuantizationType, LlamaCppOnlyType]  # a gguf-py type, or one only llama.cpp has (Q2_0)
 
 QK_K = 256
 
@@ -64,19 +75,22 @@ def block_steps(step: np.ndarray, cols: int, block_size: int) -> tuple[np.ndarra
     return per_block[:, :, 0], None
 
 
-ENCODERS: dict[GGMLQuantizationType, "BlockEncoder"] = {}  # filled as each encoder class is defined
+ENCODERS: dict[GGMLType, "BlockEncoder"] = {}  # filled as each encoder class is defined
 
 
 class BlockEncoder:
-    ggml_type: ClassVar[GGMLQuantizationType]
+    ggml_type: ClassVar[GGMLType]
     block_size: ClassVar[int]
     type_size: ClassVar[int]
 
-    def __init_subclass__(cls, ggml_type: GGMLQuantizationType | None = None, **kw) -> None:
+    def __init_subclass__(cls, ggml_type: GGMLType | None = None, **kw) -> None:
         super().__init_subclass__(**kw)
         if ggml_type is not None:
             cls.ggml_type = ggml_type
-            cls.block_size, cls.type_size = GGML_QUANT_SIZES[ggml_type]
+            if isinstance(ggml_type, LlamaCppOnlyType):
+                cls.block_size, cls.type_size = ggml_type.block_size, ggml_type.type_size
+            else:
+                cls.block_size, cls.type_size = GGML_QUANT_SIZES[ggml_type]
             ENCODERS[ggml_type] = cls()
 
     @property
@@ -214,6 +228,42 @@ class Q3_K(_SymmetricEncoder, ggml_type=GGMLQuantizationType.Q3_K):
         return np.concatenate([hmask, qs, np.broadcast_to(self._SCALES, (n, 12)), _d_bytes(d)], axis=1)
 
 
+class _LowBitEncoder(_SymmetricEncoder):
+    """[d f16][qs: weight j at bits (j % per_byte) * bits of byte j // per_byte], y = d * LEVELS[stored]: Q2_0 and
+    Q1_0, where a grid fits when each of its integers is a level (Q1_0 has no zero: binary only)."""
+
+    bits: ClassVar[int]
+    levels: ClassVar[tuple[int, ...]]  # the integer each stored value stands for, ascending
+
+    def holds(self, grid: Grid) -> bool:
+        form = integer_form(grid)
+        return set(range(form.low, form.high + 1, form.mult)) <= set(self.levels)
+
+    def _shifts(self) -> np.ndarray:
+        return np.arange(0, 8, self.bits, dtype=np.uint8)
+
+    def _pack(self, k, d):
+        stored = np.searchsorted(np.array(self.levels), k).astype(np.uint8)
+        stored = stored.reshape(k.shape[0], -1, 8 // self.bits) << self._shifts()
+        return np.concatenate([_d_bytes(d), np.bitwise_or.reduce(stored, axis=2)], axis=1)
+
+    def decode(self, raw: np.ndarray) -> np.ndarray:
+        """Raw blocks uint8 [..., n * type_size] -> float32 [..., n * block_size], as ggml's dequantize_row."""
+        blocks = np.asarray(raw, dtype=np.uint8).reshape(-1, self.type_size)
+        d = np.ascontiguousarray(blocks[:, :2]).view(np.float16).astype(np.float32)
+        stored = (blocks[:, 2:, None] >> self._shifts()) & np.uint8((1 << self.bits) - 1)
+        k = np.array(self.levels, dtype=np.float32)[stored.reshape(len(blocks), self.block_size)]
+        return (d * k).reshape(*np.shape(raw)[:-1], -1)
+
+
+class Q2_0(_LowBitEncoder, ggml_type=llamacpp_types.Q2_0):
+    bits, levels = 2, (-1, 0, 1, 2)  # stored 0..3 = t, y = d*(t-1); ternary d = step, binary d = step/2
+
+
+class Q1_0(_LowBitEncoder, ggml_type=GGMLQuantizationType.Q1_0):
+    bits, levels = 1, (-1, 1)  # binary: d = step/2
+
+
 class Q2_K(BlockEncoder, ggml_type=GGMLQuantizationType.Q2_K):
     """y = d*sc*q - dmin*m with q the raw code: d = s, sc = 1, and dmin*m = s*z (dmin = s/2, m = 2z for
     half-integer zeros, e.g. 2-bit SEQ: dmin = s/2, m = 3; dmin = s, m = z otherwise)."""
@@ -282,13 +332,20 @@ def dequantize_codes(codes: np.ndarray, step: np.ndarray, grid: Grid) -> np.ndar
     return s * (codes.astype(np.float32) - np.float32(grid.zero))
 
 
-def encoder_for(ggml_type: GGMLQuantizationType | str) -> BlockEncoder:
-    if isinstance(ggml_type, str):
-        ggml_type = GGMLQuantizationType[ggml_type.upper()]
-    try:
-        return ENCODERS[ggml_type]
-    except KeyError:
-        raise NotExactError(f"no exact encoder for {ggml_type.name}: choose one of {', '.join(supported_types())}")
+def dequantize_blocks(raw: np.ndarray, ggml_type: GGMLType) -> np.ndarray:
+    """The values raw tensor data of any written type holds: gguf-py's dequantizer, or ours where it has none."""
+    encoder = ENCODERS.get(ggml_type)
+    if isinstance(encoder, _LowBitEncoder):
+        return encoder.decode(raw)
+    return gguf.quants.dequantize(raw, ggml_type)
+
+
+def encoder_for(ggml_type: GGMLType | str) -> BlockEncoder:
+    name = ggml_type.upper() if isinstance(ggml_type, str) else ggml_type.name
+    for encoder in ENCODERS.values():
+        if encoder.name == name:
+            return encoder
+    raise NotExactError(f"no exact encoder for {name}: choose one of {', '.join(supported_types())}")
 
 
 def supported_types() -> list[str]:

@@ -98,7 +98,8 @@ class GGUFFormat(ExportFormat):
 
         rb = verify_gguf_readback(path, checkpoint)
         lossy = sorted(rb["lossy"])
-        note = ("every tensor dequantized by gguf-py equals the checkpoint bit for bit" if not lossy else
+        note = ("every tensor dequantized by gguf-py (Q1_0 / Q2_0, which it cannot dequantize: by ours) equals the "
+                "checkpoint bit for bit" if not lossy else
                 f"{len(lossy)} tensors were exported lossy on request (--allow-lossy); max |error| "
                 f"{max(rb['lossy'].values()):.3g}; all others bit-exact")
         return {"checked": rb["tensors"], "exact": rb["exact"], "mismatches": lossy, "note": note}
@@ -130,9 +131,9 @@ class GGUFFormat(ExportFormat):
     # ------------------------------------------------------------------ model card
     def describe(self, path: Path, root: Path, n_params: int | None) -> ArtifactSummary:
         """Tensor types, sizes and ParetoQ metadata of a GGUF file (header and tensor table only)."""
-        from gguf import GGUFReader
+        from runtime_tests.llamacpp_types import GGUFFileReader
 
-        reader = GGUFReader(path)
+        reader = GGUFFileReader(path)
 
         def field(key: str) -> Any:
             f = reader.get_field(key)
@@ -153,9 +154,11 @@ class GGUFFormat(ExportFormat):
         org, name = field("general.base_model.0.organization"), field("general.base_model.0.name")
         base = f"{org}/{name}" if org and name else None
         notes = []
-        if "Q2_0" in counts:
-            notes.append("Q2_0 tensors need a llama.cpp recent enough to have ggml type Q2_0 (the one vendored in "
-                         "llama-cpp-python 0.3.36 has it; it has no x86 SIMD kernel, so it is slow on x86)")
+        for type_name in sorted(counts.keys() & {"Q1_0", "Q2_0"}):  # types only recent llama.cpp builds have
+            notes.append(f"{type_name} tensors need a llama.cpp recent enough to have ggml type {type_name} "
+                         "(llama-cpp-python 0.3.36 has it)" + ("; x86 builds have only its scalar kernel, so it is "
+                                                              "slow there (Arm builds: NEON)" if type_name == "Q2_0"
+                                                              else ""))
         lossy = [x for x in (field("paretoq.lossy_tensors") or []) if x]
         if lossy:
             notes.append(f"{len(lossy)} tensors were stored in a lossy type on request (--allow-lossy)")

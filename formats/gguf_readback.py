@@ -1,4 +1,5 @@
-"""Reading a GGUF export back: every tensor dequantized by gguf-py must equal the checkpoint bit for bit."""
+"""Reading a GGUF export back: every tensor dequantized by gguf-py (by formats.gguf_blocks for Q1_0 / Q2_0, which
+gguf-py cannot dequantize) must equal the checkpoint bit for bit."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import gguf
 import numpy as np
 
 from formats.gguf import tensor_items
-from formats.gguf_blocks import dequantize_codes
+from formats.gguf_blocks import dequantize_blocks, dequantize_codes
 from formats.gguf_metadata import describe_model, row_permutation
 from formats.protocol import ReadbackMismatch
 from paretoq_export.canonical.checkpoint import open_checkpoint
+from runtime_tests.llamacpp_types import GGUFFileReader
 
 
 def expected_tensors(ckpt) -> dict[str, np.ndarray]:
@@ -38,7 +40,7 @@ def verify_gguf_readback(gguf_path: str | os.PathLike, checkpoint) -> dict:
     first tensor that differs."""
     ckpt, _ = open_checkpoint(checkpoint)
     expected = expected_tensors(ckpt)
-    reader = gguf.GGUFReader(str(gguf_path))
+    reader = GGUFFileReader(str(gguf_path))
     lossy = set(_string_array(reader, "paretoq.lossy_tensors"))
     seen, exact, lossy_err = set(), 0, {}
     for tensor in reader.tensors:
@@ -47,7 +49,7 @@ def verify_gguf_readback(gguf_path: str | os.PathLike, checkpoint) -> dict:
                 continue
             raise ReadbackMismatch(f"{gguf_path}: unexpected tensor {tensor.name}")
         want = expected[tensor.name]
-        got = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).astype(np.float32, copy=False)
+        got = dequantize_blocks(np.asarray(tensor.data), tensor.tensor_type).astype(np.float32, copy=False)
         got = got.reshape(want.shape)
         seen.add(tensor.name)
         if tensor.name in lossy:

@@ -90,12 +90,12 @@ def mean_decode_context(pp: int, tg: int) -> float:
 
 
 def gguf_decode_bytes(path: str | os.PathLike, context: float, kv_bytes_per_element: float = 2.0) -> DecodeBytes:
-    """Every tensor's stored bytes (gguf-py's reader), token_embd counted as one row -- or in full plus a row when
-    there is no output.weight (tied models read the table again as the output layer). KV cache F16 (llama.cpp's
-    default, what the bench runs)."""
-    import gguf
+    """Every tensor's stored bytes (gguf-py's reader, taught the types only llama.cpp has), token_embd counted as
+    one row -- or in full plus a row when there is no output.weight (tied models read the table again as the output
+    layer). KV cache F16 (llama.cpp's default, what the bench runs)."""
+    from runtime_tests.llamacpp_types import GGUFFileReader
 
-    reader = gguf.GGUFReader(str(path))
+    reader = GGUFFileReader(str(path))
     arch = bytes(reader.get_field("general.architecture").parts[-1]).decode()
 
     def field(key: str, default=None):

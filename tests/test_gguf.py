@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from formats import gguf as G
-from formats.gguf_blocks import ENCODERS, NotExactError, dequantize_codes
+from formats.gguf_blocks import ENCODERS, NotExactError, dequantize_blocks, dequantize_codes, encoder_for
 from formats.gguf_readback import verify_gguf_readback
 from formats.validation import validate_artifact
 from paretoq_export.canonical.grids import GRIDS, grid_for_bits
@@ -42,8 +42,45 @@ def test_block_encoder_roundtrip_exact(ggml_type, grid_name):
     step[0] = 0
     raw = enc.encode(codes, step, grid)
     assert raw.dtype == np.uint8 and raw.shape == (rows, cols // enc.block_size * enc.type_size)
-    back = gguf.quants.dequantize(raw, ggml_type)
+    back = dequantize_blocks(raw, ggml_type)
     assert np.array_equal(np.asarray(back, dtype=np.float32).reshape(rows, cols), dequantize_codes(codes, step, grid))
+
+
+def _installed_ggml():
+    """The installed llama.cpp's libggml-base (ctypes): its own block sizes and dequantizers."""
+    import ctypes
+    from pathlib import Path
+
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(min((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"))))
+    lib.ggml_blck_size.restype = lib.ggml_type_size.restype = ctypes.c_int64
+    return lib
+
+
+@pytest.mark.parametrize("type_name,grid_name", [("Q2_0", "ternary"), ("Q2_0", "binary"), ("Q1_0", "binary")])
+def test_q2_0_q1_0_blocks_as_ggml_reads_them(type_name, grid_name):
+    """Q2_0 / Q1_0, which gguf-py cannot dequantize (nor has Q2_0 at all): the installed ggml's block size, bytes
+    per block and dequantize_row_* of our bytes agree with our layout and with the checkpoint's values; and neither
+    type holds a wider grid."""
+    import ctypes
+
+    import llama_cpp
+
+    ggml, enc = _installed_ggml(), encoder_for(type_name)
+    type_id = getattr(llama_cpp, f"GGML_TYPE_{type_name}")
+    assert (ggml.ggml_blck_size(type_id), ggml.ggml_type_size(type_id)) == (enc.block_size, enc.type_size)
+    assert getattr(enc.ggml_type, "value", None) == type_id  # gguf-py's Q1_0 id, the installed llama.cpp's Q2_0 id
+    grid = GRIDS[grid_name]
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, grid.n_codes, (5, 384)).astype(np.uint8)
+    step = np.exp(rng.normal(-3, 1.5, 5)).astype(np.float16)
+    raw = np.ascontiguousarray(enc.encode(codes, step, grid))
+    out = np.empty(codes.size, dtype=np.float32)
+    getattr(ggml, f"dequantize_row_{type_name.lower()}")(raw.ctypes.data_as(ctypes.c_void_p),
+                                                        out.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(out.size))
+    assert np.array_equal(out.reshape(codes.shape), dequantize_codes(codes, step, grid))
+    assert not enc.holds(GRIDS["seq2"]) and enc.holds(GRIDS["ternary"]) == (type_name == "Q2_0")
 
 
 def test_block_encoder_refuses_inexact_half_step():
