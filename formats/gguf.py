@@ -8,9 +8,10 @@ gguf_readback (read-back and validation), gguf_format (the format as the command
 
 Quantized weights are encoded by formats.gguf_blocks from the integer codes and fp16 steps (DESIGN.md section 3),
 never re-quantized from floats. A tensor whose columns do not fit the preferred block falls back to the smallest
-exact container (Q4_0 for 576-wide rows), recorded in the log and in ``paretoq.fallbacks``. Group-wise steps
-(QuantizedTensor.group_size G) go where a block holds one step: Q4_0 / Q8_0 for any G (the group's step in each
-of its 32-blocks), the 256-block types (TQ1_0, TQ2_0, Q2_K, Q3_K) for G = 256; finer groups fall back to Q4_0.
+exact container (Q4_0 for 576-wide rows; Q2_0 first for ternary and binary rows with --ternary-fallback Q2_0),
+recorded in the log and in ``paretoq.fallbacks``. Group-wise steps (QuantizedTensor.group_size G) go where a block
+holds one step: Q4_0 / Q8_0 for any G (the group's step in each of its 32-blocks), Q2_0 for G = 64, 128, 256, the
+256-block types (TQ1_0, TQ2_0, Q2_K, Q3_K) for G = 256; finer groups fall back to Q4_0.
 """
 
 from __future__ import annotations
@@ -26,17 +27,18 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from formats.gguf_blocks import dequantize_codes, encoder_for
+from formats.gguf_blocks import GGMLType, dequantize_codes, encoder_for
 from formats.gguf_metadata import (
     add_metadata, default_filename, describe_model, extra_tensors, llama_file_type, row_permutation,
 )
 from formats.gguf_types import (  # noqa: F401 - GGUFExportError, GGUFOptions: the writer's API
-    GGUFExportError, GGUFOptions, TensorRecord, choose_tensor_type, parse_tensor_types, parse_type,
+    GGUFExportError, GGUFOptions, TensorRecord, choose_tensor_type, parse_tensor_types, parse_type, ternary_containers,
 )
 from formats.gguf_vocab import add_tokenizer, check_name_loads_in_llama_cpp
 from paretoq_export.canonical.atomic import atomic_file
 from paretoq_export.canonical.checkpoint import open_checkpoint
 from paretoq_export.canonical.model_description import ModelDescription
+from runtime_tests.llamacpp_types import LlamaCppOnlyType
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +73,7 @@ def export_gguf(checkpoint, output: str | os.PathLike | None = None,
     for value, what in ((options.embedding_type, "--embedding-type"), (options.output_type, "--output-type")):
         if value:
             parse_type(value, what)
-    if parse_type(options.ternary_type, "--ternary-type") not in (T.TQ1_0, T.TQ2_0):
-        raise GGUFExportError(f"--ternary-type must be TQ1_0 or TQ2_0, not {options.ternary_type}")
+    ternary_containers(options)
 
     if output is None:
         out_dir = ckpt_path.parent if ckpt_path is not None else Path.cwd()
@@ -87,7 +88,7 @@ def export_gguf(checkpoint, output: str | os.PathLike | None = None,
     name_map = gguf.get_tensor_name_map(arch, model.n_layers)
     items = tensor_items(ckpt)
     records: list[TensorRecord] = []
-    payloads: list[tuple[str, np.ndarray, T]] = []
+    payloads: list[tuple[str, np.ndarray, GGMLType]] = []
 
     from tqdm.auto import tqdm
 
@@ -117,6 +118,13 @@ def export_gguf(checkpoint, output: str | os.PathLike | None = None,
         for gguf_name, data, ggml_type in payloads:
             if ggml_type in (T.F32, T.F16):
                 writer.add_tensor(gguf_name, data)
+            elif isinstance(ggml_type, LlamaCppOnlyType):
+                # gguf-py has no GGML_QUANT_SIZES entry to turn a uint8 byte shape into the element shape: give it
+                # the element shape, the installed llama.cpp's type id, and the same bytes as int8 (written as is)
+                rows, row_bytes = data.shape
+                writer.add_tensor(gguf_name, data.view(np.int8),
+                                  raw_shape=(rows, row_bytes // ggml_type.type_size * ggml_type.block_size),
+                                  raw_dtype=ggml_type.value)
             else:
                 writer.add_tensor(gguf_name, data, raw_dtype=ggml_type)
         writer.write_header_to_file()
@@ -149,7 +157,8 @@ def tensor_items(ckpt) -> list[str]:
     return sorted(names, key=key)
 
 
-def _encode_tensor(ckpt, hf_name, gguf_name, model: ModelDescription, permute, options) -> tuple[TensorRecord, np.ndarray, T]:
+def _encode_tensor(ckpt, hf_name, gguf_name, model: ModelDescription, permute,
+                   options) -> tuple[TensorRecord, np.ndarray, GGMLType]:
     q = ckpt.quantized.get(hf_name)
     if q is not None:
         codes = q.codes.numpy()

@@ -28,6 +28,12 @@ class GGUFFormat(ExportFormat):
         parser.add_argument("--ternary-type", default="TQ2_0", choices=("TQ1_0", "TQ2_0"),
                             help="container for ternary and binary weights: TQ2_0 (default, faster) or TQ1_0 "
                                  "(smaller)")
+        parser.add_argument("--ternary-fallback", default="Q4_0", choices=("Q4_0", "Q2_0"),
+                            help="container for the ternary and binary rows the 256-block of --ternary-type does "
+                                 "not hold (rows not a multiple of 256, e.g. SmolLM2's 576; groups under 256): Q4_0 "
+                                 "(default, 4.5 bits/weight, SIMD kernels everywhere) or Q2_0 (2.25 bits/weight, "
+                                 "blocks of 64, exact; needs a llama.cpp that has Q2_0, and x86 builds have only its "
+                                 "scalar kernel: a size option for Arm)")
         parser.add_argument("--embedding-type", default=None,
                             help="token embedding type: F16 (default), F32, Q8_0, Q4_0 ... (float tables: rounded)")
         parser.add_argument("--output-type", default=None,
@@ -45,7 +51,8 @@ class GGUFFormat(ExportFormat):
         from formats.gguf import GGUFOptions
 
         return GGUFOptions(
-            ternary_type=args.ternary_type, embedding_type=args.embedding_type, output_type=args.output_type,
+            ternary_type=args.ternary_type, ternary_fallback=args.ternary_fallback,
+            embedding_type=args.embedding_type, output_type=args.output_type,
             tensor_types=args.tensor_type, allow_lossy=args.allow_lossy, overwrite=args.overwrite,
             name=args.name, base_model=args.base_model, license=args.license, progress=None,
         )

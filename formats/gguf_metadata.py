@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import re
+from typing import NamedTuple
 
 import gguf
 import numpy as np
@@ -17,6 +18,7 @@ from formats.gguf_types import GGUFExportError, GGUFOptions, TensorRecord, choos
 from paretoq_export.canonical.grids import format_bits
 from paretoq_export.canonical.licenses import known_license
 from paretoq_export.canonical.model_description import ModelDescription
+from runtime_tests.llamacpp_types import LLAMA_CPP_ONLY_TYPES
 
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ _FILE_TYPES = {
     T.F32: gguf.LlamaFileType.ALL_F32, T.F16: gguf.LlamaFileType.MOSTLY_F16, T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
     T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, T.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K,
     T.Q3_K: gguf.LlamaFileType.MOSTLY_Q3_K_S, T.TQ1_0: gguf.LlamaFileType.MOSTLY_TQ1_0,
-    T.TQ2_0: gguf.LlamaFileType.MOSTLY_TQ2_0,
+    T.TQ2_0: gguf.LlamaFileType.MOSTLY_TQ2_0, T.Q1_0: gguf.LlamaFileType.MOSTLY_Q1_0,
 }
 
 
@@ -166,14 +168,26 @@ def _warn_full_attention(model: ModelDescription, arch: str) -> None:
                     model.family.hf_class, model.sliding_window, arch, model.sliding_window)
 
 
-def llama_file_type(records: list[TensorRecord]) -> gguf.LlamaFileType:
+class FileType(NamedTuple):
+    """general.file_type: llama.cpp's id and name (gguf-py's LlamaFileType, or the installed llama.cpp's
+    LLAMA_FTYPE_MOSTLY_<type> for a type gguf-py lacks)."""
+
+    value: int
+    name: str
+
+
+def llama_file_type(records: list[TensorRecord]) -> FileType:
     weights: dict[str, int] = {}
     for r in records:
         if r.grid is not None:
             weights[r.ggml_type] = weights.get(r.ggml_type, 0) + int(np.prod(r.shape))
     if not weights:
-        return gguf.LlamaFileType.MOSTLY_F16
-    return _FILE_TYPES.get(T[max(weights, key=weights.get)], gguf.LlamaFileType.GUESSED)
+        return FileType(int(gguf.LlamaFileType.MOSTLY_F16), gguf.LlamaFileType.MOSTLY_F16.name)
+    most = max(weights, key=weights.get)
+    if most in LLAMA_CPP_ONLY_TYPES and LLAMA_CPP_ONLY_TYPES[most].file_type is not None:
+        return FileType(LLAMA_CPP_ONLY_TYPES[most].file_type, f"MOSTLY_{most}")
+    file_type = _FILE_TYPES.get(T.__members__.get(most), gguf.LlamaFileType.GUESSED)
+    return FileType(int(file_type), file_type.name)
 
 
 def add_metadata(writer, ckpt, model: ModelDescription, options, records, file_type) -> str:
@@ -187,7 +201,7 @@ def add_metadata(writer, ckpt, model: ModelDescription, options, records, file_t
     writer.add_basename(basename)
     writer.add_size_label(gguf.size_label(n_params(ckpt), 0, 0, 0))
     writer.add_quantized_by(QUANTIZED_BY)
-    writer.add_file_type(int(file_type))
+    writer.add_file_type(file_type.value)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     license_ = options.license or ckpt.recipe.get("license")
     if not license_ and base_model:

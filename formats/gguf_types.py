@@ -12,9 +12,10 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from formats.gguf_blocks import ENCODERS, QK_K
+from formats.gguf_blocks import ENCODERS, QK_K, GGMLType
 from formats.protocol import StoragePlacement
 from paretoq_export.canonical.grids import Grid, format_bits
+from runtime_tests.llamacpp_types import LLAMA_CPP_ONLY_TYPES
 
 
 # preferred container per grid (ternary/binary follow --ternary-type); fallbacks when a row does not fit
@@ -22,6 +23,13 @@ _PREFERRED = {"seq2": T.Q2_K, "lsq3": T.Q3_K, "lsq4": T.Q4_0, "lsq8": T.Q8_0}
 
 
 _FALLBACKS = (T.Q4_0, T.Q8_0, T.F32)
+
+
+# --ternary-type: the 256-block containers of ternary and binary rows; --ternary-fallback: the first container tried
+# for the rows they do not hold (then _FALLBACKS). Q2_0 is smaller than Q4_0 but x86 llama.cpp has only its scalar
+# kernel (docs/BENCHMARKS.md), so it is a size option for Arm builds, not the default.
+TERNARY_TYPES = ("TQ2_0", "TQ1_0")
+TERNARY_FALLBACKS = ("Q4_0", "Q2_0")
 
 
 # lossy types gguf-py can quantize floats into (embedding/output size options, --allow-lossy overrides)
@@ -35,6 +43,7 @@ class GGUFExportError(ValueError):
 @dataclass
 class GGUFOptions:
     ternary_type: str = "TQ2_0"  # container for ternary and binary grids: TQ2_0 (fast) or TQ1_0 (small)
+    ternary_fallback: str = "Q4_0"  # ternary/binary rows the ternary type does not hold: Q4_0, or Q2_0 (smaller)
     embedding_type: str | None = None  # token_embd; None: F16 (F32 when F16 would round)
     output_type: str | None = None  # output.weight (untied models only)
     tensor_types: Sequence[str] = ()  # "REGEX=TYPE", matched (re.search) against GGUF and HF tensor names
@@ -62,18 +71,39 @@ class TensorRecord:
 
 
 class TypeChoice(NamedTuple):
-    ggml_type: T
+    ggml_type: GGMLType
     reason: str
     fallback: bool = False
     lossy: bool = False
 
 
-def parse_type(name: str, what: str = "type") -> T:
+def parse_type(name: str, what: str = "type", instead: str | None = None) -> GGMLType:
+    """A ggml type by name. A type gguf-py lacks (Q2_0) only where the installed llama.cpp has it, else the
+    error names the upgrade or ``instead``."""
+    key = str(name).strip().upper()
+    if key in LLAMA_CPP_ONLY_TYPES:
+        ggml_type = LLAMA_CPP_ONLY_TYPES[key]
+        missing = ggml_type.missing()
+        if missing:
+            raise GGUFExportError(f"{missing}: upgrade llama-cpp-python, or use {instead or 'another ' + what}")
+        return ggml_type
     try:
-        return T[str(name).strip().upper()]
+        return T[key]
     except KeyError:
         known = sorted({t.name for t in ENCODERS} | {t.name for t in _LOSSY_OK})
         raise GGUFExportError(f"unknown GGUF {what} {name!r}: use one of {', '.join(known)}") from None
+
+
+def ternary_containers(options: GGUFOptions) -> tuple[GGMLType, GGMLType]:
+    """--ternary-type and --ternary-fallback, checked: the container of ternary and binary rows, and the one their
+    rows go to first where it does not fit (before Q4_0)."""
+    preferred = parse_type(options.ternary_type, "--ternary-type")
+    if preferred.name not in TERNARY_TYPES:
+        raise GGUFExportError(f"--ternary-type must be {' or '.join(TERNARY_TYPES)}, not {preferred.name}")
+    fallback = parse_type(options.ternary_fallback, "--ternary-fallback", instead="--ternary-fallback Q4_0")
+    if fallback.name not in TERNARY_FALLBACKS:
+        raise GGUFExportError(f"--ternary-fallback must be {' or '.join(TERNARY_FALLBACKS)}, not {fallback.name}")
+    return preferred, fallback
 
 
 def parse_tensor_types(items: Sequence[str] | dict | None) -> list[tuple[re.Pattern, T]]:
@@ -92,7 +122,7 @@ def parse_tensor_types(items: Sequence[str] | dict | None) -> list[tuple[re.Patt
     return rules
 
 
-def _requested_type(gguf_name: str, hf_name: str, options: GGUFOptions) -> tuple[T | None, str]:
+def _requested_type(gguf_name: str, hf_name: str, options: GGUFOptions) -> tuple[GGMLType | None, str]:
     for pattern, ggml_type in parse_tensor_types(options.tensor_types):
         if pattern.search(gguf_name) or pattern.search(hf_name):
             return ggml_type, f"--tensor-type {pattern.pattern}={ggml_type.name}"
@@ -147,22 +177,22 @@ def choose_tensor_type(
             raise GGUFExportError(f"{name}: {source} {requested.name} cannot be written even lossily here ({reason})")
         return TypeChoice(requested, f"{source}, lossy: {reason}", lossy=True)
 
+    fallbacks = _FALLBACKS
     if grid.name in ("ternary", "binary"):
-        preferred = parse_type(options.ternary_type, "--ternary-type")
-        if preferred not in (T.TQ1_0, T.TQ2_0):
-            raise GGUFExportError(f"--ternary-type must be TQ1_0 or TQ2_0, not {preferred.name}")
+        preferred, first_fallback = ternary_containers(options)
+        fallbacks = tuple(dict.fromkeys((first_fallback, *_FALLBACKS)))
     else:
         preferred = _PREFERRED[grid.name]
     first_reason = _why_not(preferred, codes, step, grid, cols)
     if first_reason is None:
         return TypeChoice(preferred, f"{grid.name} grid")
-    for candidate in _FALLBACKS:
+    for candidate in fallbacks:
         if _why_not(candidate, codes, step, grid, cols) is None:
             return TypeChoice(candidate, f"fallback {preferred.name} -> {candidate.name}: {first_reason}", fallback=True)
     raise AssertionError("F32 holds every grid")
 
 
-def _why_not(ggml_type: T, codes, step, grid: Grid, cols: int) -> str | None:
+def _why_not(ggml_type: GGMLType, codes, step, grid: Grid, cols: int) -> str | None:
     if ggml_type not in ENCODERS:
         return f"no exact encoder for {ggml_type.name}"
     enc = ENCODERS[ggml_type]

@@ -17,6 +17,8 @@ from formats.gguf_blocks import ENCODERS, NotExactError, dequantize_blocks, dequ
 from formats.gguf_readback import verify_gguf_readback
 from formats.validation import validate_artifact
 from paretoq_export.canonical.grids import GRIDS, grid_for_bits
+from runtime_tests import llamacpp_types
+from runtime_tests.llamacpp_types import GGUFFileReader
 from runtime_tests.metrics import compare_logits
 from tiny_models import TINY_TEXT
 
@@ -102,7 +104,27 @@ def test_choose_tensor_type_table():
     choice = G.choose_tensor_type("blk.0.ffn_up.weight", grid_for_bits(2), (1536, 576), opts)
     assert choice.ggml_type.name == "Q4_0" and choice.fallback and "576" in choice.reason
     assert G.choose_tensor_type("token_embd.weight", None, (320, 576), opts).ggml_type.name == "F16"
+    q2 = G.GGUFOptions(ternary_fallback="Q2_0")  # ternary and binary rows off the 256-block: Q2_0 where 64 divides
+    for bits in (1, 1.58):
+        assert G.choose_tensor_type("blk.0.ffn_up.weight", grid_for_bits(bits), (1536, 576), q2).ggml_type.name == "Q2_0"
+        assert G.choose_tensor_type("blk.0.ffn_up.weight", grid_for_bits(bits), (256, 512), q2).ggml_type.name == "TQ2_0"
+        assert G.choose_tensor_type("blk.0.ffn_up.weight", grid_for_bits(bits), (256, 96), q2).ggml_type.name == "Q4_0"
+    assert G.choose_tensor_type("blk.0.ffn_up.weight", grid_for_bits(2), (1536, 576), q2).ggml_type.name == "Q4_0"
     assert G.choose_tensor_type("output_norm.weight", None, (576,), opts).ggml_type.name == "F32"
+
+
+def test_q2_0_holds_one_step_per_64_block():
+    """Group-wise ternary steps: Q2_0 takes G = 64 and 128 (one step per 64-block), finer groups fall back to Q4_0,
+    G = 256 and per-row steps stay in the 256-block type."""
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 3, (4, 512)).astype(np.uint8)
+    for group, want, default in ((512, "TQ2_0", "TQ2_0"), (256, "TQ2_0", "TQ2_0"), (128, "Q2_0", "Q4_0"),
+                                 (64, "Q2_0", "Q4_0"), (32, "Q4_0", "Q4_0")):
+        step = rng.uniform(0.01, 0.1, (4, 512 // group)).astype(np.float16)  # every group its own step
+        for options, expected in ((G.GGUFOptions(ternary_fallback="Q2_0"), want), (G.GGUFOptions(), default)):
+            choice = G.choose_tensor_type("blk.0.attn_q.weight", grid_for_bits(1.58), codes.shape, options,
+                                          codes=codes, step=step)
+            assert choice.ggml_type.name == expected, (group, options.ternary_fallback, choice)
 
 
 def test_compare_logits_identity_and_shift():
@@ -332,6 +354,76 @@ def test_fallback_576_columns(tmp_path, caplog):
     report = validate_artifact(result.path, ckpt, _ids())
     assert _bit_exact(report["readback"])
     _check_close(report["metrics"])
+
+
+def _576_wide(bits: float):
+    return tiny_checkpoint("llama", bits, hidden=576, num_attention_heads=9, num_key_value_heads=3)
+
+
+@pytest.mark.parametrize("bits", [1.58, 1])
+def test_q2_0_for_rows_off_the_256_block(tmp_path, bits):
+    """--ternary-fallback Q2_0: the 576-wide rows of a ternary / binary model go to Q2_0 (block 64) instead of
+    Q4_0, the 512-wide ones stay TQ2_0 (binary: Q1_0 on request); read back bit-exact, run in llama.cpp."""
+    import llama_cpp
+
+    ckpt = _576_wide(bits)
+    q4 = G.export_gguf(ckpt, tmp_path / "q4.gguf")
+    binary_extra = ["ffn_down=Q1_0"] if bits == 1 else []  # binary rows of a multiple of 128: 1.125 bits/weight
+    q2 = G.export_gguf(ckpt, tmp_path / "q2.gguf", G.GGUFOptions(ternary_fallback="Q2_0", tensor_types=binary_extra))
+    assert q4.tensor_types["blk.0.attn_q.weight"] == "Q4_0"
+    assert q2.tensor_types["blk.0.attn_q.weight"] == q2.tensor_types["blk.1.ffn_up.weight"] == "Q2_0"
+    assert q2.tensor_types["blk.0.ffn_down.weight"] == ("Q1_0" if bits == 1 else "TQ2_0")
+    assert len(q2.fallbacks) == 6 * 2 and all(": fallback TQ2_0 -> Q2_0: 576 columns" in f for f in q2.fallbacks)
+    q4_0_bytes = sum(r.nbytes for r in q4.records if r.ggml_type == "Q4_0")
+    assert sum(r.nbytes for r in q2.records if r.ggml_type == "Q2_0") * 2 == q4_0_bytes  # 2.25 vs 4.5 bits/weight
+    assert q2.nbytes < q4.nbytes
+    report = validate_artifact(q2.path, ckpt, _ids(), text=TINY_TEXT)
+    assert _bit_exact(report["readback"])
+    _check_close(report["metrics"])
+    assert _cached_equals_uncached(q2.path, _ids(16).tolist())
+    # the tensor table names the installed llama.cpp's type ids; gguf-py's own reader cannot read the file (if it
+    # ever can, llamacpp_types' bridge can go)
+    reader = GGUFFileReader(q2.path)
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+    assert tensor.tensor_type is llamacpp_types.Q2_0 and int(tensor.field.parts[4][0]) == llama_cpp.GGML_TYPE_Q2_0
+    assert reader.get_field("general.file_type").contents() == llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_0
+    with pytest.raises(ValueError, match="42"):
+        gguf.GGUFReader(str(q2.path))
+    # the model card and the bench's bytes per token read it through the same reader
+    from formats.gguf_format import GGUFFormat
+    from runtime_tests.bandwidth import gguf_decode_bytes
+
+    summary = GGUFFormat().describe(q2.path, tmp_path, None)
+    assert "Q2_0" in summary.containers and any("Q2_0 tensors need" in n for n in summary.notes)
+    assert gguf_decode_bytes(q4.path, 64).weights - gguf_decode_bytes(q2.path, 64).weights == \
+        sum(r.nbytes for r in q4.records) - sum(r.nbytes for r in q2.records)
+
+
+def test_q2_0_only_where_llama_cpp_has_it(tmp_path, monkeypatch, capsys):
+    """A llama.cpp without Q2_0 (the detection stood in for): one error line naming the upgrade or the default, no
+    file; the default export does not ask; a Q2_0 file does not read back. Q1_0 holds binary only."""
+    from paretoq_export.cli import main
+
+    ckpt = _576_wide(1.58)
+    with pytest.raises(G.GGUFExportError, match="Q1_0 cannot represent the ternary grid's levels"):
+        G.export_gguf(ckpt, tmp_path / "t.gguf", G.GGUFOptions(tensor_types=["ffn_down=Q1_0"]))
+    written = G.export_gguf(ckpt, tmp_path / "q2.gguf", G.GGUFOptions(ternary_fallback="Q2_0")).path
+    ckpt_dir = ckpt.save(tmp_path / "ckpt")
+    monkeypatch.setattr(llamacpp_types, "installed_type_id", lambda name, prefix="GGML_TYPE_": None)
+    with pytest.raises(G.GGUFExportError, match=r"^the installed llama\.cpp has no Q2_0 \(llama-cpp-python [\d.]+\): "
+                                                r"upgrade llama-cpp-python, or use --ternary-fallback Q4_0$"):
+        G.export_gguf(ckpt, tmp_path / "m.gguf", G.GGUFOptions(ternary_fallback="Q2_0"))
+    with pytest.raises(G.GGUFExportError, match=r"has no Q2_0 .*or use another tensor type$"):
+        G.export_gguf(ckpt, tmp_path / "m.gguf", G.GGUFOptions(tensor_types=["ffn_down=Q2_0"]))
+    assert not (tmp_path / "m.gguf").exists()
+    assert G.export_gguf(ckpt, tmp_path / "m.gguf").tensor_types["blk.0.attn_q.weight"] == "Q4_0"
+    with pytest.raises(ValueError, match="neither gguf-py nor the installed llama.cpp knows"):
+        verify_gguf_readback(written, ckpt)
+    capsys.readouterr()
+    assert main(["export", "gguf", str(ckpt_dir), "-o", str(tmp_path / "cli.gguf"), "--ternary-fallback", "Q2_0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the installed llama.cpp has no Q2_0"), err
+    assert not (tmp_path / "cli.gguf").exists()
 
 
 def test_embedding_type_and_exact_override(tmp_path):
