@@ -5,8 +5,9 @@
         bench/results/qat_budget_ladder_smollm2.json \\
         bench/results/qat_ladder_10m/ladder_*.json bench/results/qat_ladder_10m/q4_0_final.json
 
-Rows of method "qat" with the default recipe's settings (whatever the recipe was named when run) and per-row steps (no ``group``/``target``) are the ladder; seed 0 only,
-so each (bits, tokens) point is one run. The goals are the ones the ladder was run against (x float PPL).
+Rows of method "qat" with the default recipe's settings (whatever the recipe was named when run), per-row steps and a
+float table (no ``group``/``target``/``emb``) are the ladder, plus the group-wise Q4_0-layout line; seed 0 only, so
+each (bits, tokens) point is one run. The goals are the ones the ladder was run against (x float PPL).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def ladder_points(paths: list[Path]) -> dict[tuple[float, int | None], list[tupl
         for row in json.loads(path.read_text())["rows"]:
             settings = {k: (row.get("recipe") or {}).get(k) for k in DEFAULT}
             if (row.get("method") != "qat" or settings != DEFAULT or row.get("seed", 0)
-                    or "target" in row or row["bits"] not in GOALS
+                    or "target" in row or ("emb" in row and "group" not in row) or row["bits"] not in GOALS
                     or row.get("lr") != recipe("default").lr_for(row["bits"], grouped="group" in row)):
                 continue
             key = (row["bits"], row.get("group"))

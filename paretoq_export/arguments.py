@@ -33,9 +33,11 @@ def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits", required=True, help="1, 1.58 (ternary, or 0 as in the reference), 2, 3 or 4")
     parser.add_argument("--override", action="append", default=[], metavar="NAME=BITS",
                         help="per-module bits, e.g. down_proj=4 (suffix or regex of the module name); repeatable")
-    parser.add_argument("--embedding-bits", default=None, help="also quantize the input embeddings (4 or 8)")
+    parser.add_argument("--embedding-bits", default=None,
+                        help="the input embedding table: 4, 8 or float (qat's default recipe: 4 below 3 bits, 8 at 3 "
+                             "and 4 bits, the output head too where tied; its paper recipe and quantize: float)")
     parser.add_argument("--lm-head-bits", default=None,
-                        help="also quantize lm_head (4 or 8; tied models: same as embeddings)")
+                        help="also quantize lm_head (4 or 8; tied models: same as embeddings; default float)")
     parser.add_argument("--group-size", default=None,
                         help="one step per G consecutive weights of a row (32, 64, 128, 256) instead of one per row "
                              "(ParetoQ's setting); --bits 4 --group-size 32 is llama.cpp's Q4_0 layout")
@@ -77,6 +79,17 @@ def add_validation_text_arguments(parser: argparse.ArgumentParser, threads_help:
     parser.add_argument("--threads", type=int, default=2, help=threads_help)
 
 
+def table_bits(value: str | None) -> str | None:
+    """--embedding-bits / --lm-head-bits as QATConfig takes them: "float" is None, a float table."""
+    return None if value is None or value.lower() == "float" else value
+
+
+def table_bits_given(args: argparse.Namespace) -> bool:
+    """Whether the command line names the table's width (a number or float): the recipe's default applies only
+    where it does not."""
+    return args.embedding_bits is not None or args.lm_head_bits is not None
+
+
 def qat_config(args: argparse.Namespace):
     from qat.prepare import QATConfig, parse_overrides
 
@@ -86,7 +99,7 @@ def qat_config(args: argparse.Namespace):
 
         storage_plan = format_named(target).storage_plan
     return QATConfig(bits=args.bits, overrides=parse_overrides(args.override),
-                     embedding_bits=args.embedding_bits, lm_head_bits=args.lm_head_bits,
+                     embedding_bits=table_bits(args.embedding_bits), lm_head_bits=table_bits(args.lm_head_bits),
                      group_size=getattr(args, "group_size", None), target=target,
                      storage_plan=storage_plan if target is not None else None)
 

@@ -146,12 +146,16 @@ def test_bad_recipe_settings_are_refused():
 
 @pytest.mark.parametrize("flags, expect", [
     ([], {"name": "default", "alpha_init": "mse", "anneal_frac": 0.4, "alpha_lr_scale": 10.0,
-          "distill_weight": 1.0, "lr": 1e-3}),
+          "distill_weight": 1.0, "lr": 1e-3, "table": 4}),
+    (["--embedding-bits", "float"], {"name": "default", "alpha_init": "mse", "anneal_frac": 0.4,
+                                     "alpha_lr_scale": 10.0, "distill_weight": 1.0, "lr": 1e-3, "table": None}),
+    (["--embedding-bits", "8"], {"name": "default", "alpha_init": "mse", "anneal_frac": 0.4, "alpha_lr_scale": 10.0,
+                                 "distill_weight": 1.0, "lr": 1e-3, "table": 8}),
     (["--recipe", "paper"], {"name": "paper", "alpha_init": "paper", "anneal_frac": 0.0, "alpha_lr_scale": 1.0,
-                             "distill_weight": 0.0, "lr": 2e-5}),
+                             "distill_weight": 0.0, "lr": 2e-5, "table": None}),
     (["--recipe", "paper", "--anneal-frac", "0.25", "--alpha-init", "mse", "--lr", "3e-4", "--distill", "0.5"],
      {"name": "paper", "alpha_init": "mse", "anneal_frac": 0.25, "alpha_lr_scale": 1.0, "distill_weight": 0.5,
-      "lr": 3e-4}),
+      "lr": 3e-4, "table": None}),
 ])
 def test_cli_qat_applies_and_records_the_recipe(tmp_path, flags, expect):
     from tiny_models import save_tiny_model_dir
@@ -165,8 +169,12 @@ def test_cli_qat_applies_and_records_the_recipe(tmp_path, flags, expect):
     out = tmp_path / "ck"
     assert main(["qat", "--model", str(model_dir), "--bits", "2", "--data", str(text), "--steps", "3",
                  "--batch-size", "2", "--block-size", "32", "-o", str(out), *flags]) == 0
-    saved = QuantizedCheckpoint.load(out).recipe
+    checkpoint = QuantizedCheckpoint.load(out)
+    saved = checkpoint.recipe
     assert saved["recipe"]["name"] == expect["name"]
+    assert saved["qat_config"]["embedding_bits"] == expect["table"]
+    tables = [q.grid.bits for name, q in checkpoint.quantized.items() if "embed_tokens" in name]
+    assert tables == ([] if expect["table"] is None else [expect["table"]])  # the table itself, not only the record
     assert saved["qat_config"]["alpha_init"] == expect["alpha_init"]
     train_cfg = saved["train"]
     for key in ("anneal_frac", "alpha_lr_scale", "distill_weight", "lr"):
@@ -198,6 +206,22 @@ def test_cli_qat_with_teacher_data_keep_best_and_determinism(tmp_path):
         assert torch.equal(q.codes, b.quantized[name].codes) and torch.equal(q.scale, b.quantized[name].scale)
     assert main(["eval", str(tmp_path / "a"), "--data", "teacher:512", "--heldout-data", str(text),
                  "--block-size", "32"]) == 0
+
+
+@pytest.mark.parametrize("bits, table", [(1, 4), (1.58, 4), (2, 4), (3, 8), (4, 8)])
+def test_default_recipe_table_follows_width_unless_named(bits, table):
+    """The default recipe quantizes the embedding table (4-bit below 3 bits, 8-bit at 3/4); a width the user names
+    (embedding or lm_head) wins, and the paper recipe keeps the table float."""
+    from qat.prepare import QATConfig
+    from qat.recipe import with_recipe_table
+
+    assert with_recipe_table(recipe("default"), QATConfig(bits=bits)).embedding_bits == table
+    assert with_recipe_table(recipe("default"), QATConfig(bits=2, overrides={"down_proj": bits})).embedding_bits == (
+        4 if bits <= 2 else 8)  # the widest grid decides
+    assert with_recipe_table(recipe("default"), QATConfig(bits=bits, embedding_bits=8)).embedding_bits == 8
+    named_head = with_recipe_table(recipe("default"), QATConfig(bits=bits, lm_head_bits=8))
+    assert named_head.embedding_bits is None and named_head.lm_head_bits == 8
+    assert with_recipe_table(recipe("paper"), QATConfig(bits=bits)).embedding_bits is None
 
 
 @pytest.mark.parametrize("bits, group_size, lr", [(2, None, 1e-3), (2, 32, 1e-3), (4, None, 5e-4), (4, 32, 3e-5),

@@ -9,7 +9,7 @@ import argparse
 
 from paretoq_export.arguments import (
     add_checkpoint_arguments, add_data_arguments, add_model_arguments, add_quantization_arguments, data_config,
-    qat_config,
+    qat_config, table_bits_given,
 )
 
 HELP = "ParetoQ quantization-aware training, then the canonical checkpoint"
@@ -26,8 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--recipe", default="default", choices=("default", "paper"),
                    help="default: least-squares alpha init, soft-to-hard annealing from the float weights, alpha lr "
-                        "x10, distillation from the float model, lr 1e-3 (<=2 bits) / 5e-4 (3/4 bits per row) / 3e-5 (3/4 bits per group); paper: "
-                        "ParetoQ's own (max-based alpha, quantized from step 0, no teacher, lr 2e-5 / 1e-5). The "
+                        "x10, distillation from the float model, a 4-bit (<=2 bits) / 8-bit embedding table, lr 1e-3 "
+                        "(<=2 bits) / 5e-4 (3/4 bits per row) / 3e-5 (3/4 bits per group); paper: ParetoQ's own "
+                        "(max-based alpha, quantized from step 0, no teacher, float table, lr 2e-5 / 1e-5). The "
                         "flags below override single settings")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
     p.add_argument("--alpha-init", default=None, choices=("paper", "mse"),
@@ -94,10 +95,15 @@ def run(args: argparse.Namespace) -> int:
 
         request_deterministic_cublas()
     from paretoq_export.pipeline import run_qat
-    from qat.recipe import apply_recipe
+    from qat.recipe import apply_recipe, with_recipe_table
 
     chosen = chosen_recipe(args)
     qcfg, tcfg = apply_recipe(chosen, qat_config(args), train_config(args))
+    if not table_bits_given(args):
+        qcfg = with_recipe_table(chosen, qcfg)
+        if qcfg.embedding_bits is not None:
+            print(f"recipe {chosen.name}: the embedding table at {qcfg.embedding_bits:g} bits (--embedding-bits "
+                  "4|8|float chooses)")
     run = run_qat(args.model, qcfg, data_config(args), tcfg, args.output, args.overwrite,
                   args.float_dtype, args.trust_remote_code, recipe=chosen.to_json())
     if run.checkpoint:
