@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed passes per model per round (median)")
     p.add_argument("--rounds", type=int, default=3, help="round-robin rounds over all models (median of rounds)")
     p.add_argument("--quality-tokens", type=int, default=512, help="held-out tokens for the logit comparison (0: skip)")
+    p.add_argument("--checkpoint", nargs="+", default=None,
+                   help="bench these checkpoint directories (e.g. from `paretoq-export qat`: the default export and "
+                        "--smallest of each) next to the fp32 graph instead of the RTN variants; --model must be "
+                        "their base model")
     p.add_argument("--workdir", default=None, help="keep the ONNX folders here (default: a temporary directory)")
     p.add_argument("--out", default="bench/results/onnx_bench.json")
     args = p.parse_args(argv)
@@ -69,7 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     source = load_model(args.model)
     checkpoints = {(None, None): QATCheckpoint.from_float_model(source.model, source.tokenizer,
                                                                 recipe={"base_model": source.base_model})}
-    for bits, emb in sorted({v[1] for v in VARIANTS if v[1][0] is not None}, key=str):
+    variants = VARIANTS
+    if args.checkpoint:  # trained checkpoints: each exported by default and --smallest, keyed by their directory
+        from paretoq_export.canonical.checkpoint import QuantizedCheckpoint
+
+        variants = [VARIANTS[-1]]
+        for directory in args.checkpoint:
+            key = (Path(directory).name, None)
+            checkpoints[key] = QuantizedCheckpoint.load(directory)
+            variants += [(f"{key[0]} default", key, 4, False), (f"{key[0]} --smallest", key, 4, True)]
+    for bits, emb in sorted({v[1] for v in variants if v[1][0] is not None and v[1] not in checkpoints}, key=str):
         model = prepare(copy.deepcopy(source.model), QATConfig(bits=bits, embedding_bits=emb))
         checkpoints[bits, emb] = QATCheckpoint.from_qat_model(
             model, source.tokenizer, recipe={"method": "rtn", "base_model": source.base_model})
@@ -78,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     references = {bits: reference_logits(ckpt, ids) for bits, ckpt in checkpoints.items()} if len(ids) else {}
 
     rows = []
-    for name, bits, level, smallest in VARIANTS:
+    for name, bits, level, smallest in variants:
         ckpt = checkpoints[bits]
         options = OnnxOptions(accuracy_level=level, smallest=smallest, overwrite=True, progress=False)
         result = export_onnx(ckpt, work / name.replace(" ", "_").replace("-", ""), options)

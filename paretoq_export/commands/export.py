@@ -179,8 +179,12 @@ def summary(report: dict) -> str:
                                           f"({tok.get('agreement', 0):.2%} of ids agree) at {tok['first_difference']}")
     generation = report["checks"].get("generation")
     if generation:
-        lines.append(f"generation: {generation['new_tokens']} greedy tokens with KV cache "
-                     f"{'equal' if generation['cached_equals_uncached'] else 'DIFFER from'} those without it")
+        line = (f"generation: {generation['new_tokens']} greedy tokens with KV cache "
+                f"{'equal' if generation['cached_equals_uncached'] else 'DIFFER from'} those without it")
+        if "first_difference" in generation:
+            line += (f" from token {generation['first_difference']}, where the two picks are "
+                     f"{generation['logit_gap']:.3f} logits apart in the full recompute")
+        lines.append(line)
     kv = report["checks"].get("kv_cache")
     if kv:
         line = (f"KV cache: decode vs full recompute max |diff| {kv['teacher_forced_max_abs_diff']:.2e}, greedy "
