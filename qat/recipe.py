@@ -84,20 +84,24 @@ def recipe(name: str = DEFAULT_RECIPE, **overrides) -> Recipe:
     return replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
+def widest_bits(qat_config) -> float:
+    """The widest grid a QATConfig trains (--bits and every --override): what picks the recipe's lr and table."""
+    return max([qat_config.bits, *qat_config.overrides.values()])
+
+
 def with_recipe_table(chosen: Recipe, qat_config):
     """The QATConfig with the recipe's table width where it names none (neither embedding nor lm_head bits). The
     caller decides whether the user gave one: ``--embedding-bits float`` keeps the table float on purpose."""
     if qat_config.embedding_bits is not None or qat_config.lm_head_bits is not None:
         return qat_config
-    widest = max([qat_config.bits, *qat_config.overrides.values()])
-    return replace(qat_config, embedding_bits=chosen.table_bits_for(widest))
+    return replace(qat_config, embedding_bits=chosen.table_bits_for(widest_bits(qat_config)))
 
 
 def apply_recipe(chosen: Recipe, qat_config, train_config):
     """(QATConfig, TrainConfig) with the recipe's settings written in; a TrainConfig lr that is already set wins
     over the recipe's. The caller passes the float model as the teacher when ``distill_weight > 0``."""
     qat_config = replace(qat_config, alpha_init=chosen.alpha_init)
-    widest = max([qat_config.bits, *qat_config.overrides.values()])
+    widest = widest_bits(qat_config)
     grouped = qat_config.group_size is not None
     lr = train_config.lr if train_config.lr is not None else chosen.lr_for(widest, grouped)
     train_config = replace(train_config, lr=lr, anneal_frac=chosen.anneal_frac,
